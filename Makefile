@@ -1,0 +1,47 @@
+# `make test` and `make train` set up everything on a fresh machine: a venv with torch,
+# the extension (the CUDA build whenever a CUDA toolkit is present) and the test deps.
+
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+SYSTEM_PYTHON ?= python3
+MAX_JOBS ?= 2
+
+# /usr/local/bin/nvcc can be a wrapper script that misleads torch's CUDA_HOME guess.
+ifeq ($(origin CUDA_HOME), undefined)
+  ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+    export CUDA_HOME := /usr/local/cuda
+  endif
+endif
+ifdef CUDA_HOME
+  # A CUDA toolkit is here: build (and so compile-check) the CUDA kernels. Without a
+  # visible GPU torch cannot pick an architecture; one is enough to prove they compile.
+  export FORCE_CUDA ?= 1
+  export TORCH_CUDA_ARCH_LIST ?= 9.0
+  export JUMPRELU_EXT_EXPECT_CUDA_BUILD := 1
+endif
+
+EXTENSION := jumprelu_ext/_C.abi3.so
+KERNEL_SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
+
+.PHONY: test build bench clean
+
+test: build
+	$(PYTHON) -m pytest -q
+
+build: $(EXTENSION)
+
+bench: build
+	$(PYTHON) benchmarks/bench_ops.py
+
+$(VENV)/.installed: pyproject.toml
+	$(SYSTEM_PYTHON) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q torch numpy pytest expecttest ninja setuptools wheel
+	touch $@
+
+$(EXTENSION): $(VENV)/.installed $(KERNEL_SOURCES)
+	MAX_JOBS=$(MAX_JOBS) $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+clean:
+	rm -rf build $(EXTENSION) *.egg-info

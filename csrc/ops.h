@@ -1,0 +1,175 @@
+// Backend-independent op wrappers: input checks, reshaping to [rows, features],
+// output allocation. Each backend registers them with its own two kernels:
+//   register_ops<forward_cpu, backward_cpu>(m);
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+#include "kernels.h"
+
+namespace jumprelu_ext {
+
+using ForwardFn = void (*)(const ForwardArgs&);
+using BackwardFn = void (*)(const BackwardArgs&);
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Shape bookkeeping for pre = [..., features] viewed as [rows, features].
+struct RowView {
+  int64_t rows;
+  int64_t features;
+  at::IntArrayRef leading;  // pre.sizes() without the last dimension
+};
+
+inline RowView check_inputs(const char* op, const at::Tensor& pre, const at::Tensor& threshold,
+                            double bandwidth) {
+  TORCH_CHECK(pre.dim() >= 1, op, ": pre must have shape [..., features], got a 0-d tensor");
+  TORCH_CHECK(is_supported_float(pre.scalar_type()), op,
+              ": pre must be float32, float64, float16 or bfloat16, got ", pre.scalar_type());
+  TORCH_CHECK(threshold.dim() == 1, op, ": threshold must be 1-D [features], got shape ",
+              threshold.sizes());
+  TORCH_CHECK(threshold.size(0) == pre.size(-1), op, ": threshold has ", threshold.size(0),
+              " features but pre's last dimension is ", pre.size(-1));
+  TORCH_CHECK(pre.device() == threshold.device(), op, ": pre is on ", pre.device(),
+              " but threshold is on ", threshold.device());
+  TORCH_CHECK(threshold.scalar_type() == pre.scalar_type() || threshold.scalar_type() == at::kFloat,
+              op, ": threshold must be float32 or pre's dtype (", pre.scalar_type(), "), got ",
+              threshold.scalar_type());
+  TORCH_CHECK(std::isfinite(bandwidth) && bandwidth > 0, op,
+              ": bandwidth must be positive and finite, got ", bandwidth);
+  const auto leading = pre.sizes().slice(0, pre.dim() - 1);
+  return {c10::multiply_integers(leading), pre.size(-1), leading};
+}
+
+// An incoming gradient must match the tensor it is the gradient of.
+inline at::Tensor check_grad(const char* op, const char* name, const at::Tensor& grad,
+                             const at::Tensor& pre, at::IntArrayRef expected_shape,
+                             at::IntArrayRef flat_shape) {
+  TORCH_CHECK(grad.sizes() == expected_shape, op, ": ", name, " must have shape ", expected_shape,
+              ", got ", grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == pre.scalar_type(), op, ": ", name, " must have pre's dtype (",
+              pre.scalar_type(), "), got ", grad.scalar_type());
+  TORCH_CHECK(grad.device() == pre.device(), op, ": ", name, " is on ", grad.device(),
+              " but pre is on ", pre.device());
+  return grad.contiguous().view(flat_shape);
+}
+
+inline at::Tensor as_rows(const at::Tensor& pre, const RowView& v) {
+  return pre.contiguous().view({v.rows, v.features});
+}
+
+template <ForwardFn forward>
+std::tuple<at::Tensor, at::Tensor> run_forward(const char* op, const at::Tensor& pre,
+                                               const at::Tensor& threshold, double bandwidth,
+                                               bool step, bool with_l0) {
+  const RowView v = check_inputs(op, pre, threshold, bandwidth);
+  ForwardArgs args;
+  args.pre = as_rows(pre, v);
+  args.threshold = threshold.contiguous();
+  args.out = at::empty({v.rows, v.features}, pre.options());
+  args.step = step;
+  if (with_l0) args.l0 = at::zeros({v.rows}, pre.options());
+  if (pre.numel() > 0) forward(args);
+  at::Tensor l0 = with_l0 ? args.l0.view(v.leading) : at::Tensor();
+  return {args.out.view(pre.sizes()), l0};
+}
+
+template <ForwardFn forward>
+at::Tensor jumprelu_op(const at::Tensor& pre, const at::Tensor& threshold, double bandwidth) {
+  return std::get<0>(run_forward<forward>("jumprelu", pre, threshold, bandwidth, false, false));
+}
+
+template <ForwardFn forward>
+at::Tensor step_op(const at::Tensor& pre, const at::Tensor& threshold, double bandwidth) {
+  return std::get<0>(run_forward<forward>("step", pre, threshold, bandwidth, true, false));
+}
+
+template <ForwardFn forward>
+std::tuple<at::Tensor, at::Tensor> jumprelu_l0_op(const at::Tensor& pre,
+                                                  const at::Tensor& threshold, double bandwidth) {
+  return run_forward<forward>("jumprelu_l0", pre, threshold, bandwidth, false, true);
+}
+
+// Shared by the three backward ops: grad_elem and grad_row may each be undefined.
+template <BackwardFn backward>
+std::tuple<at::Tensor, at::Tensor> run_backward(const char* op,
+                                                const std::optional<at::Tensor>& grad_elem,
+                                                bool elem_is_jumprelu,
+                                                const std::optional<at::Tensor>& grad_row,
+                                                const at::Tensor& pre, const at::Tensor& threshold,
+                                                double bandwidth, bool want_grad_pre) {
+  const RowView v = check_inputs(op, pre, threshold, bandwidth);
+  BackwardArgs args;
+  args.pre = as_rows(pre, v);
+  args.threshold = threshold.contiguous();
+  args.bandwidth = bandwidth;
+  args.elem_is_jumprelu = elem_is_jumprelu;
+  const bool has_elem = grad_elem.has_value() && grad_elem->defined();
+  const bool has_row = grad_row.has_value() && grad_row->defined();
+  if (has_elem) {
+    args.grad_elem = check_grad(op, "the output gradient", *grad_elem, pre, pre.sizes(),
+                                {v.rows, v.features});
+  }
+  if (has_row) {
+    args.grad_row = check_grad(op, "the l0 gradient", *grad_row, pre, v.leading, {v.rows});
+  }
+  at::Tensor grad_pre;
+  if (want_grad_pre) {
+    // Without an output gradient the input gradient is exactly zero.
+    grad_pre = has_elem ? at::empty({v.rows, v.features}, pre.options())
+                        : at::zeros({v.rows, v.features}, pre.options());
+    if (has_elem) args.grad_pre = grad_pre;
+    grad_pre = grad_pre.view(pre.sizes());
+  }
+  args.grad_threshold = at::empty({v.features}, threshold.options());
+  if (pre.numel() > 0 && (has_elem || has_row)) {
+    backward(args);
+  } else {
+    args.grad_threshold.zero_();
+  }
+  return {grad_pre, args.grad_threshold};
+}
+
+template <BackwardFn backward>
+std::tuple<at::Tensor, at::Tensor> jumprelu_backward_op(const at::Tensor& grad_acts,
+                                                        const at::Tensor& pre,
+                                                        const at::Tensor& threshold,
+                                                        double bandwidth) {
+  return run_backward<backward>("jumprelu_backward", grad_acts, true, std::nullopt, pre,
+                                threshold, bandwidth, true);
+}
+
+template <BackwardFn backward>
+at::Tensor step_backward_op(const at::Tensor& grad_step, const at::Tensor& pre,
+                            const at::Tensor& threshold, double bandwidth) {
+  return std::get<1>(run_backward<backward>("step_backward", grad_step, false, std::nullopt, pre,
+                                            threshold, bandwidth, false));
+}
+
+template <BackwardFn backward>
+std::tuple<at::Tensor, at::Tensor> jumprelu_l0_backward_op(
+    const std::optional<at::Tensor>& grad_acts, const std::optional<at::Tensor>& grad_l0,
+    const at::Tensor& pre, const at::Tensor& threshold, double bandwidth) {
+  return run_backward<backward>("jumprelu_l0_backward", grad_acts, true, grad_l0, pre, threshold,
+                                bandwidth, true);
+}
+
+template <ForwardFn forward, BackwardFn backward>
+void register_ops(torch::Library& m) {
+  m.impl("jumprelu", &jumprelu_op<forward>);
+  m.impl("step", &step_op<forward>);
+  m.impl("jumprelu_l0", &jumprelu_l0_op<forward>);
+  m.impl("jumprelu_backward", &jumprelu_backward_op<backward>);
+  m.impl("step_backward", &step_backward_op<backward>);
+  m.impl("jumprelu_l0_backward", &jumprelu_l0_backward_op<backward>);
+}
+
+}  // namespace jumprelu_ext

@@ -1,0 +1,60 @@
+"""Builds jumprelu_ext._C: CUDA + CPU kernels when a CUDA toolkit is found, CPU-only otherwise.
+
+FORCE_CUDA=1 / FORCE_CPU=1 override the detection. Install with
+`pip install --no-build-isolation .` after torch, so the extension is compiled against
+the torch you run.
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+# /usr/local/bin/nvcc may be a wrapper script, from which torch would guess
+# CUDA_HOME=/usr/local and then fail to find libcudart: prefer the real toolkit.
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and os.path.isdir("/usr/local/cuda"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def build_cuda() -> bool:
+    if _flag("FORCE_CPU"):
+        return False
+    if _flag("FORCE_CUDA"):
+        if CUDA_HOME is None or torch.version.cuda is None:
+            raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit or no CUDA build of torch was found")
+        return True
+    return CUDA_HOME is not None and torch.version.cuda is not None
+
+
+def extension():
+    sources = ["csrc/schemas.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # Py_LIMITED_API: _C only creates an empty module, so one build serves every CPython >= 3.9.
+    cxx_flags = ["-O3", "-DPy_LIMITED_API=0x03090000"]
+    if not build_cuda():
+        return CppExtension("jumprelu_ext._C", sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=True)
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        # Without a visible GPU torch cannot pick architectures itself.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    return CUDAExtension(
+        "jumprelu_ext._C",
+        sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+        py_limited_api=True,
+    )
+
+
+setup(
+    packages=find_packages(include=["jumprelu_ext", "jumprelu_ext.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)
