@@ -1,0 +1,49 @@
+"""SAELens-style eager JumpReLU and Step (autograd Functions in the input dtype, as
+SAELens and most JumpReLU code write them). Benchmarks measure the fused ops against
+these; tests use them as an independent formulation of the same math.
+"""
+
+import torch
+
+
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u)
+
+
+class EagerJumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre * (pre > threshold)).to(pre)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = (pre > threshold) * grad
+        grad_threshold = -(threshold / eps) * _rectangle((pre - threshold) / eps) * grad
+        return grad_pre, grad_threshold.reshape(-1, pre.shape[-1]).sum(0).to(threshold), None
+
+
+class EagerStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_threshold = -(1.0 / eps) * _rectangle((pre - threshold) / eps) * grad
+        return torch.zeros_like(pre), grad_threshold.reshape(-1, pre.shape[-1]).sum(0).to(threshold), None
+
+
+def eager_jumprelu_l0(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float):
+    """What a JumpReLU SAE computes without fused ops: JumpReLU for the activations and
+    a separate Step pass for the L0 term (two passes forward, two backward)."""
+    acts = EagerJumpReLU.apply(pre, threshold, bandwidth)
+    l0 = EagerStep.apply(pre, threshold, bandwidth).sum(-1)
+    return acts, l0
