@@ -36,7 +36,7 @@ def build_cuda() -> bool:
 
 
 def extension():
-    sources = ["csrc/schemas.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/module.cpp", "csrc/schemas.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # Py_LIMITED_API: _C only creates an empty module, so one build serves every CPython >= 3.9.
     cxx_flags = ["-O3", "-DPy_LIMITED_API=0x03090000"]
     if not build_cuda():

@@ -1,14 +1,5 @@
-// Operator schemas and the `_C` Python module that loads this library.
-#include <Python.h>
+// Operator schemas. Schema `float` is C++ `double`.
 #include <torch/library.h>
-
-extern "C" {
-// Importing jumprelu_ext._C runs the static TORCH_LIBRARY registrations below.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(jumprelu_ext, m) {
   m.def("jumprelu(Tensor pre, Tensor threshold, float bandwidth) -> Tensor");
