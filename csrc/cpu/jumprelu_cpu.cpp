@@ -1,8 +1,11 @@
 // Fused CPU kernels: one pass over pre for the forward, one pass over pre and the
 // incoming gradient for the backward, θ-gradient partials per fixed row chunk.
+// The inner loops are written for the auto-vectoriser (built with -fno-trapping-math,
+// which lets comparisons become masks without changing any result).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "../dispatch.h"
@@ -23,23 +26,30 @@ std::vector<acc_t> threshold_as_acc(const at::Tensor& threshold) {
   return std::vector<acc_t>(src, src + threshold.numel());
 }
 
+// An integer as wide as acc_t: counting in it keeps the row loop vectorisable
+// (a floating-point sum would need reassociation).
+template <typename acc_t>
+using count_t = std::conditional_t<sizeof(acc_t) == 8, int64_t, int32_t>;
+
 template <typename scalar_t, typename theta_t, typename acc_t, bool STEP, bool WITH_L0>
 void forward_kernel(const ForwardArgs& a) {
   const int64_t rows = a.pre.size(0), features = a.pre.size(1);
   const scalar_t* pre = a.pre.data_ptr<scalar_t>();
   scalar_t* out = a.out.data_ptr<scalar_t>();
   scalar_t* l0 = WITH_L0 ? a.l0.data_ptr<scalar_t>() : nullptr;
-  const std::vector<acc_t> theta = threshold_as_acc<acc_t, theta_t>(a.threshold);
+  const std::vector<acc_t> theta_acc = threshold_as_acc<acc_t, theta_t>(a.threshold);
+  const acc_t* __restrict theta = theta_acc.data();
   at::parallel_for(0, rows, row_grain(features), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* p = pre + r * features;
-      scalar_t* o = out + r * features;
-      int64_t active = 0;
+      const scalar_t* __restrict p = pre + r * features;
+      scalar_t* __restrict o = out + r * features;
+      count_t<acc_t> active = 0;
       for (int64_t j = 0; j < features; ++j) {
         const acc_t x = static_cast<acc_t>(p[j]);
         const acc_t on = x > theta[j] ? acc_t(1) : acc_t(0);
-        o[j] = static_cast<scalar_t>(STEP ? on : x * on);  // multiply keeps NaN, like pre·H
-        if (WITH_L0) active += x > theta[j];
+        // x * on rather than a select: NaN (and -inf) in pre give NaN, like pre·H.
+        o[j] = static_cast<scalar_t>(STEP ? on : x * on);
+        if (WITH_L0) active += x > theta[j] ? 1 : 0;
       }
       if (WITH_L0) l0[r] = static_cast<scalar_t>(active);
     }
@@ -60,31 +70,30 @@ void backward_kernel(const BackwardArgs& a) {
   const scalar_t* grad_elem = HAS_ELEM ? a.grad_elem.data_ptr<scalar_t>() : nullptr;
   const scalar_t* grad_row = a.grad_row.defined() ? a.grad_row.data_ptr<scalar_t>() : nullptr;
   scalar_t* grad_pre = WRITE_GRAD_PRE ? a.grad_pre.data_ptr<scalar_t>() : nullptr;
-  const std::vector<acc_t> theta = threshold_as_acc<acc_t, theta_t>(a.threshold);
+  const std::vector<acc_t> theta_acc = threshold_as_acc<acc_t, theta_t>(a.threshold);
   // Weight of grad_elem in the θ-gradient: θ for JumpReLU, 1 for the step.
-  const std::vector<acc_t> elem_coef =
-      a.elem_is_jumprelu ? theta : std::vector<acc_t>(features, acc_t(1));
+  const std::vector<acc_t> coef_acc =
+      a.elem_is_jumprelu ? theta_acc : std::vector<acc_t>(features, acc_t(1));
+  const acc_t* __restrict theta = theta_acc.data();
+  const acc_t* __restrict elem_coef = coef_acc.data();
   std::vector<acc_t> partials(chunks * features, acc_t(0));
 
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-      acc_t* partial = partials.data() + c * features;
+      acc_t* __restrict partial = partials.data() + c * features;
       const int64_t row_end = std::min(rows, (c + 1) * chunk_rows);
       for (int64_t r = c * chunk_rows; r < row_end; ++r) {
-        const scalar_t* p = pre + r * features;
+        const scalar_t* __restrict p = pre + r * features;
+        const scalar_t* __restrict g = HAS_ELEM ? grad_elem + r * features : nullptr;
+        scalar_t* __restrict gp = WRITE_GRAD_PRE ? grad_pre + r * features : nullptr;
         const acc_t g_row = grad_row ? static_cast<acc_t>(grad_row[r]) : acc_t(0);
         for (int64_t j = 0; j < features; ++j) {
           const acc_t x = static_cast<acc_t>(p[j]);
           const acc_t u = (x - theta[j]) / eps;
-          const acc_t in_window = (u > acc_t(-0.5) && u < acc_t(0.5)) ? acc_t(1) : acc_t(0);
-          acc_t g = 0;
-          if (HAS_ELEM) {
-            g = static_cast<acc_t>(grad_elem[r * features + j]);
-            if (WRITE_GRAD_PRE) {
-              grad_pre[r * features + j] = static_cast<scalar_t>(g * (x > theta[j] ? acc_t(1) : acc_t(0)));
-            }
-          }
-          partial[j] += in_window * (elem_coef[j] * g + g_row);
+          const acc_t in_window = (u > acc_t(-0.5)) & (u < acc_t(0.5)) ? acc_t(1) : acc_t(0);
+          const acc_t g_elem = HAS_ELEM ? static_cast<acc_t>(g[j]) : acc_t(0);
+          if (WRITE_GRAD_PRE) gp[j] = static_cast<scalar_t>(g_elem * (x > theta[j] ? acc_t(1) : acc_t(0)));
+          partial[j] += in_window * (elem_coef[j] * g_elem + g_row);
         }
       }
     }

@@ -99,6 +99,7 @@ __global__ void __launch_bounds__(kThreads)
 
   // All lanes of a warp share threadIdx.y (blockDim.x is a multiple of 32), so they walk the
   // same rows and reach the warp reduction together, inactive lanes included.
+#pragma unroll 1
   for (int64_t r0 = chunk_begin + threadIdx.y; r0 < row_end; r0 += kRowUnroll * row_step) {
     Vec<scalar_t, VEC> x[kRowUnroll];
 #pragma unroll
@@ -143,18 +144,16 @@ __global__ void __launch_bounds__(kThreads)
                             bool elem_is_jumprelu) {
   const int64_t col = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (col >= features) return;  // no warp-wide operations below
-  acc_t t[VEC], coef[VEC], sum[VEC];
+  acc_t t[VEC], sum[VEC];
   load_theta<VEC>(theta, col, t);
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    coef[i] = elem_is_jumprelu ? t[i] : acc_t(1);  // weight of grad_elem: θ, or 1 for the step
-    sum[i] = acc_t(0);
-  }
+  for (int i = 0; i < VEC; ++i) sum[i] = acc_t(0);
   const int64_t chunk_begin = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
   const int64_t row_end = rows < chunk_begin + rows_per_chunk ? rows : chunk_begin + rows_per_chunk;
   const int64_t row_step = blockDim.y;
 
   // Each thread adds its rows in increasing order: a fixed summation order.
+#pragma unroll 1
   for (int64_t r0 = chunk_begin + threadIdx.y; r0 < row_end; r0 += kRowUnroll * row_step) {
     Vec<scalar_t, VEC> x[kRowUnroll];
     Vec<scalar_t, VEC> g[kRowUnroll];
@@ -182,7 +181,8 @@ __global__ void __launch_bounds__(kThreads)
         // Literal multiplies, as in the CPU kernel, so NaN/inf in a gradient or θ propagate.
         // Without grad_row the "+ 0" is skipped: it can only turn -0 into +0, which a sum
         // starting at +0 cannot tell apart.
-        const acc_t elem_term = mul_rn(coef[i], gi);
+        // The grad_elem weight is θ (JumpReLU) or 1 (step), and 1·g == g exactly.
+        const acc_t elem_term = elem_is_jumprelu ? mul_rn(t[i], gi) : gi;
         sum[i] += in_window * (HAS_ROW ? elem_term + g_row[u] : elem_term);
         if constexpr (WRITE_GRAD_PRE) {
           gp.v[i] = static_cast<scalar_t>(gi * (xi > t[i] ? acc_t(1) : acc_t(0)));
