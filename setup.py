@@ -35,20 +35,35 @@ def build_cuda() -> bool:
     return CUDA_HOME is not None and torch.version.cuda is not None
 
 
+def library_header_dirs():
+    """torch's CUDA headers include cuBLAS/cuSPARSE headers, which a bare toolkit may lack;
+    pip's CUDA torch ships them in site-packages/nvidia/*/include. Searched after the
+    toolkit's own headers (-isystem), so they only fill gaps."""
+    if os.path.exists(os.path.join(CUDA_HOME, "include", "cusparse.h")):
+        return []
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    headers = (glob.glob(os.path.join(base, "*", "include", "cusparse.h")) for base in nvidia.__path__)
+    return sorted({os.path.dirname(h) for found in headers for h in found})
+
+
 def extension():
     sources = ["csrc/module.cpp", "csrc/schemas.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    # Py_LIMITED_API: _C only creates an empty module, so one build serves every CPython >= 3.9.
     # -fno-trapping-math lets gcc vectorise the comparisons; it changes no result.
-    cxx_flags = ["-O3", "-fno-trapping-math", "-DPy_LIMITED_API=0x03090000"]
+    cxx_flags = ["-O3", "-fno-trapping-math"]
     if not build_cuda():
+        # py_limited_api: _C only creates an empty module, so one build serves every CPython >= 3.10.
         return CppExtension("jumprelu_ext._C", sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=True)
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         # Without a visible GPU torch cannot pick architectures itself.
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    system_includes = [flag for d in library_header_dirs() for flag in ("-isystem", d)]
     return CUDAExtension(
         "jumprelu_ext._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+        extra_compile_args={"cxx": cxx_flags + system_includes, "nvcc": ["-O3", "-lineinfo"] + system_includes},
         py_limited_api=True,
     )
 
@@ -57,5 +72,5 @@ setup(
     packages=find_packages(include=["jumprelu_ext", "jumprelu_ext.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

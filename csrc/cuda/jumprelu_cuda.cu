@@ -25,7 +25,10 @@ namespace {
 
 constexpr int kThreads = 256;        // threads per block
 constexpr int kVecBytes = 16;        // widest global load/store per thread (LDG.128)
-constexpr int kRowUnroll = 4;        // rows loaded before any is processed, for memory parallelism
+// Rows whose loads are issued before any is processed: 64 bytes in flight per thread either way
+// (the backward reads two tensors), which keeps enough memory parallelism at moderate registers.
+constexpr int kForwardRowUnroll = 4;
+constexpr int kBackwardRowUnroll = 2;
 constexpr int64_t kMinRowsPerThread = 16;  // amortises the θ load over enough rows
 constexpr int64_t kMaxRowChunks = 128;     // bounds the backward's partial-sum scratch
 constexpr int64_t kMinBlocks = 1024;       // few column blocks: more row chunks to fill the GPU
@@ -58,8 +61,8 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& x) {
   }
 }
 
-// Correctly rounded and never fused into an FMA, whatever the compiler flags, so each
-// element's value matches the CPU kernel's separate multiply, add and IEEE division.
+// Correctly rounded, and never contracted into an FMA with a following add, whatever the
+// compiler flags: each element's value is that of the plain expression in the CPU kernel.
 __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
 __device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
@@ -100,15 +103,15 @@ __global__ void __launch_bounds__(kThreads)
   // All lanes of a warp share threadIdx.y (blockDim.x is a multiple of 32), so they walk the
   // same rows and reach the warp reduction together, inactive lanes included.
 #pragma unroll 1
-  for (int64_t r0 = chunk_begin + threadIdx.y; r0 < row_end; r0 += kRowUnroll * row_step) {
-    Vec<scalar_t, VEC> x[kRowUnroll];
+  for (int64_t r0 = chunk_begin + threadIdx.y; r0 < row_end; r0 += kForwardRowUnroll * row_step) {
+    Vec<scalar_t, VEC> x[kForwardRowUnroll];
 #pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u) {
+    for (int u = 0; u < kForwardRowUnroll; ++u) {
       const int64_t r = r0 + u * row_step;
       if (active && r < row_end) x[u] = load_vec<VEC, VECTOR_IO>(pre + r * features + col);
     }
 #pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u) {
+    for (int u = 0; u < kForwardRowUnroll; ++u) {
       const int64_t r = r0 + u * row_step;
       if (r >= row_end) break;
       int fired = 0;
@@ -117,9 +120,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
           const acc_t xi = static_cast<acc_t>(x[u].v[i]);
-          const acc_t on = xi > t[i] ? acc_t(1) : acc_t(0);
+          const bool fires = xi > t[i];
+          const acc_t on = fires ? acc_t(1) : acc_t(0);
           y.v[i] = static_cast<scalar_t>(STEP ? on : xi * on);  // multiply keeps NaN, like pre·H
-          fired += xi > t[i];
+          fired += fires;
         }
         store_vec<VEC, VECTOR_IO>(out + r * features + col, y);
       }
@@ -144,6 +148,8 @@ __global__ void __launch_bounds__(kThreads)
                             bool elem_is_jumprelu) {
   const int64_t col = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (col >= features) return;  // no warp-wide operations below
+  // This thread's row of the partial sums: [row_chunks * blockDim.y, features].
+  const unsigned slot = blockIdx.y * blockDim.y + threadIdx.y;
   acc_t t[VEC], sum[VEC];
   load_theta<VEC>(theta, col, t);
 #pragma unroll
@@ -154,12 +160,12 @@ __global__ void __launch_bounds__(kThreads)
 
   // Each thread adds its rows in increasing order: a fixed summation order.
 #pragma unroll 1
-  for (int64_t r0 = chunk_begin + threadIdx.y; r0 < row_end; r0 += kRowUnroll * row_step) {
-    Vec<scalar_t, VEC> x[kRowUnroll];
-    Vec<scalar_t, VEC> g[kRowUnroll];
-    acc_t g_row[kRowUnroll];
+  for (int64_t r0 = chunk_begin + threadIdx.y; r0 < row_end; r0 += kBackwardRowUnroll * row_step) {
+    Vec<scalar_t, VEC> x[kBackwardRowUnroll];
+    Vec<scalar_t, VEC> g[kBackwardRowUnroll];
+    acc_t g_row[kBackwardRowUnroll];
 #pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u) {
+    for (int u = 0; u < kBackwardRowUnroll; ++u) {
       const int64_t r = r0 + u * row_step;
       if (r < row_end) {
         x[u] = load_vec<VEC, VECTOR_IO>(pre + r * features + col);
@@ -168,7 +174,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
 #pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u) {
+    for (int u = 0; u < kBackwardRowUnroll; ++u) {
       const int64_t r = r0 + u * row_step;
       if (r >= row_end) break;
       Vec<scalar_t, VEC> gp;
@@ -179,9 +185,8 @@ __global__ void __launch_bounds__(kThreads)
         const acc_t in_window = (ui > acc_t(-0.5) && ui < acc_t(0.5)) ? acc_t(1) : acc_t(0);
         const acc_t gi = HAS_ELEM ? static_cast<acc_t>(g[u].v[i]) : acc_t(0);
         // Literal multiplies, as in the CPU kernel, so NaN/inf in a gradient or θ propagate.
-        // Without grad_row the "+ 0" is skipped: it can only turn -0 into +0, which a sum
-        // starting at +0 cannot tell apart.
-        // The grad_elem weight is θ (JumpReLU) or 1 (step), and 1·g == g exactly.
+        // The grad_elem weight is θ (JumpReLU) or 1 (step: 1·g == g). Without grad_row the
+        // CPU's "+ 0" is skipped: it only turns -0 into +0, which a sum from +0 cannot see.
         const acc_t elem_term = elem_is_jumprelu ? mul_rn(t[i], gi) : gi;
         sum[i] += in_window * (HAS_ROW ? elem_term + g_row[u] : elem_term);
         if constexpr (WRITE_GRAD_PRE) {
@@ -193,12 +198,11 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  // partial is [row_chunks * blockDim.y, features] and allocated here, so always aligned.
-  const int64_t slot = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
+  // partial is allocated by the launcher, so its rows are always Vec-aligned.
   Vec<acc_t, VEC> s;
 #pragma unroll
   for (int i = 0; i < VEC; ++i) s.v[i] = sum[i];
-  store_vec<VEC, true>(partial + slot * features + col, s);
+  store_vec<VEC, true>(partial + static_cast<int64_t>(slot) * features + col, s);
 }
 
 // grad_θ[j] = −(Σ_slots partial[slot, j]) / ε, slots added in index order.
@@ -233,7 +237,8 @@ struct Tiling {
 // The one tiling rule for both kernels; a function of (rows, features, vec) only.
 Tiling make_tiling(int64_t rows, int64_t features, int vec) {
   const int64_t column_threads = ceil_div(features, vec);
-  const int block_x = static_cast<int>(std::min<int64_t>(kThreads, ceil_div(column_threads, 32) * 32));
+  const int block_x =
+      static_cast<int>(std::min<int64_t>(kThreads, ceil_div(column_threads, 32) * 32));
   const int block_y = kThreads / block_x;
   const int64_t column_blocks = ceil_div(column_threads, block_x);
   // <= max(128, 1024) row chunks, far below gridDim.y's 65535.
@@ -300,8 +305,9 @@ void forward_cuda(const ForwardArgs& args) {
               <<<tiling.grid, tiling.block, 0, stream>>>(
                   args.pre.const_data_ptr<scalar_t>(), args.threshold.const_data_ptr<theta_t>(),
                   args.out.mutable_data_ptr<scalar_t>(),
-                  WITH_L0 ? reinterpret_cast<unsigned long long*>(counts.mutable_data_ptr<int64_t>())
-                          : nullptr,
+                  WITH_L0
+                      ? reinterpret_cast<unsigned long long*>(counts.mutable_data_ptr<int64_t>())
+                      : nullptr,
                   rows, features, tiling.rows_per_chunk);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
