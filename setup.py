@@ -51,11 +51,15 @@ def library_header_dirs():
 
 def extension():
     sources = ["csrc/module.cpp", "csrc/schemas.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    # -fno-trapping-math lets gcc vectorise the comparisons; it changes no result.
-    cxx_flags = ["-O3", "-fno-trapping-math"]
+    # -fopenmp: at::parallel_for is OpenMP inside the headers, so without it the CPU
+    # kernels run on one thread. -fno-trapping-math lets gcc vectorise the comparisons;
+    # it changes no result.
+    cxx_flags = ["-O3", "-fno-trapping-math", "-fopenmp"]
     if not build_cuda():
         # py_limited_api: _C only creates an empty module, so one build serves every CPython >= 3.10.
-        return CppExtension("jumprelu_ext._C", sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=True)
+        return CppExtension(
+            "jumprelu_ext._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"], py_limited_api=True
+        )
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         # Without a visible GPU torch cannot pick architectures itself.
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
@@ -64,6 +68,7 @@ def extension():
         "jumprelu_ext._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         extra_compile_args={"cxx": cxx_flags + system_includes, "nvcc": ["-O3", "-lineinfo"] + system_includes},
+        extra_link_args=["-fopenmp"],
         py_limited_api=True,
     )
 

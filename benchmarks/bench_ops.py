@@ -144,9 +144,15 @@ def make_impls(spec: OpSpec, pre, threshold, grads, compile_baseline: bool) -> d
     th_leaf = threshold.detach().requires_grad_()
     leaves = (pre_leaf, th_leaf)
 
-    def autograd_backward(forward):  # the backward alone, on a graph built once
-        outputs = _as_tuple(forward(pre_leaf, th_leaf))
-        return lambda: torch.autograd.grad(outputs, leaves, grads, retain_graph=True, allow_unused=True)
+    def autograd_backward(forward):
+        graph = []  # built by the first (warm-up) call, then kept: later calls time the backward alone
+
+        def run():
+            if not graph:
+                graph.append(_as_tuple(forward(pre_leaf, th_leaf)))
+            return torch.autograd.grad(graph[0], leaves, grads, retain_graph=True, allow_unused=True)
+
+        return run
 
     def modes(forward, backward):
         return {
@@ -255,9 +261,8 @@ COLUMNS: list[harness.Column] = [
 
 
 def table(records: list[dict], header: bool = True) -> list[str]:
-    for r in records:
-        r["shape_str"] = "x".join(map(str, r["shape"]))
-    return harness.table_lines(COLUMNS, records, header)
+    rows = [{**r, "shape_str": "x".join(map(str, r["shape"]))} for r in records]
+    return harness.table_lines(COLUMNS, rows, header)
 
 
 @dataclass(frozen=True)
@@ -301,26 +306,39 @@ def markdown_section(env: dict, command: str, records: list[dict], target_lines:
         f"### {title}: {env['device_name']}",
         "",
         f"- torch {env['torch_version']}, {env['threads']} threads ({env['cpus']} CPUs), {env['date']}, "
-        f"git {env['git']}",
+        f"git {env['git']}, extension built {env['extension_built']}",
         f"- command: `{command}`",
         "",
         *table(records),
         "",
-        "Targets:" if target_lines else "No target applies to these cases.",
-        "",
-        *target_lines,
+        *(["Targets:", "", *target_lines] if target_lines else ["No target applies to these cases."]),
     ]
+    errors = [f"- {r['op']} {r['mode']} {r['impl']} {r['dtype']}: {r['error']}" for r in records if "error" in r]
+    if errors:
+        lines += ["", "Errors (rows without numbers):", "", *errors]
     return "\n".join(lines)
 
 
-def run_device(device: torch.device, args) -> tuple[list[dict], dict]:
-    env = harness.environment(device)
+def extension_built() -> str | None:
+    """When the loaded kernels were compiled: a stale build explains many surprises."""
+    module = sys.modules.get("jumprelu_ext._C")
+    if module is None or not getattr(module, "__file__", None):
+        return None
+    mtime = datetime.datetime.fromtimestamp(Path(module.__file__).stat().st_mtime).astimezone()
+    return mtime.isoformat(timespec="seconds")
+
+
+def run_device(device: torch.device, args) -> tuple[list[dict], dict, Path]:
+    """Every case on one device; each case's records are appended to the JSON lines file as
+    soon as it is done, so an interrupted run keeps what it measured."""
+    env = {**harness.environment(device), "extension_built": extension_built()}
     default_shapes, default_dtypes = DEFAULT_CASES[device.type]
     shapes = args.shapes or (QUICK_SHAPES if args.quick else default_shapes)
     dtypes = args.dtypes or default_dtypes
     plan = QUICK_PLAN if args.quick else PLANS[device.type]
+    out = args.out / f"{datetime.datetime.now():%Y%m%d-%H%M%S}_{device.type}.jsonl"
     print(f"\n# {env['device']}: {env['device_name']} | torch {env['torch_version']} | "
-          f"{env['threads']} threads | {env['date']}")
+          f"{env['threads']} threads | {env['date']} | git {env['git']} | _C built {env['extension_built']}")
     print("\n".join(table([], header=True)), flush=True)
     records = []
     for dtype in dtypes:
@@ -329,11 +347,12 @@ def run_device(device: torch.device, args) -> tuple[list[dict], dict]:
             case_records = [clone]
             for op in args.ops:
                 case_records += run_case(device, op, dtype, shape, plan, not args.no_compile, clone)
+            for r in case_records:
+                r.update({k: env[k] for k in ("device", "device_name", "torch_version", "threads", "date", "git", "extension_built")})
+            harness.write_jsonl(out, case_records)
             print("\n".join(table(case_records, header=False)), flush=True)
             records += case_records
-    for r in records:
-        r.update({k: env[k] for k in ("device", "device_name", "torch_version", "threads", "date", "git")})
-    return records, env
+    return records, env, out
 
 
 def parse_args(argv=None):
@@ -354,7 +373,7 @@ def parse_args(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
-                   help="all = CPU, and CUDA when available (default)")
+                   help="all = CUDA when available, then CPU (default)")
     p.add_argument("--shapes", type=shapes, help="e.g. 4096x16384,4096x65536 (default: per device)")
     p.add_argument("--dtypes", type=dtypes, help="pre's dtypes, e.g. float32,bfloat16; θ stays float32 "
                    "(default: float32 on CPU, float32,bfloat16 on CUDA)")
@@ -376,16 +395,14 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2
-    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    # CUDA first: on a GPU machine its numbers are the ones that matter most.
+    devices = ["cuda", "cpu"] if args.device == "all" else [args.device]
     devices = [torch.device(d) for d in devices if d == "cpu" or torch.cuda.is_available()]
     command = "python " + " ".join(shlex.quote(a) for a in (sys.argv if argv is None else ["bench_ops.py", *argv]))
     torch.manual_seed(0)
     failed = False
     for device in devices:
-        records, env = run_device(device, args)
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = args.out / f"{stamp}_{device.type}.jsonl"
-        harness.write_jsonl(out, [{k: v for k, v in r.items() if k != "shape_str"} for r in records])
+        records, env, out = run_device(device, args)
         target_lines = check_targets(device.type, records)
         print("\n".join(["", *target_lines, f"results: {out}"]))
         if args.markdown:

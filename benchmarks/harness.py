@@ -40,7 +40,9 @@ def _time_reps(fn: Callable[[], object], device: torch.device, reps: int) -> lis
             fn()
             times.append((time.perf_counter() - start) * 1e3)
         return times
-    flush = _flush_buffers.setdefault(device, torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=device))
+    if device not in _flush_buffers:
+        _flush_buffers[device] = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=device)
+    flush = _flush_buffers[device]
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for start, end in events:
         # Enqueued before the start event: it also keeps the GPU busy while the host
@@ -78,10 +80,7 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | N
 
 def environment(device: torch.device) -> dict[str, object]:
     """What a reader needs to compare runs: device, torch, threads, date."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {
         "device": device.type,
         "device_name": name,
@@ -91,6 +90,16 @@ def environment(device: torch.device) -> dict[str, object]:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "git": _git_revision(),
     }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _git_revision() -> str | None:

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -45,6 +46,13 @@ inline RowView check_inputs(const char* op, const at::Tensor& pre, const at::Ten
               threshold.scalar_type());
   TORCH_CHECK(std::isfinite(bandwidth) && bandwidth > 0, op,
               ": bandwidth must be positive and finite, got ", bandwidth);
+  // ε is used in fp32 unless pre is fp64: it must neither flush to 0 nor overflow there.
+  const bool fp64 = pre.scalar_type() == at::kDouble;
+  const double tiny = fp64 ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+  const double max = fp64 ? std::numeric_limits<double>::max() : std::numeric_limits<float>::max();
+  TORCH_CHECK(bandwidth >= tiny && bandwidth <= max, op, ": bandwidth ", bandwidth,
+              " is outside the range of ", fp64 ? "float64" : "float32", ", the dtype ",
+              pre.scalar_type(), " inputs are computed in ([", tiny, ", ", max, "])");
   const auto leading = pre.sizes().slice(0, pre.dim() - 1);
   return {c10::multiply_integers(leading), pre.size(-1), leading};
 }

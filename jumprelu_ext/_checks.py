@@ -32,6 +32,12 @@ def check_inputs(op: str, pre: torch.Tensor, threshold: torch.Tensor, bandwidth:
         raise TypeError(f"{op}: bandwidth must be a Python number, got {type(bandwidth).__name__}")
     if not (math.isfinite(bandwidth) and bandwidth > 0):
         raise ValueError(f"{op}: bandwidth must be positive and finite, got {bandwidth}")
+    info = torch.finfo(compute_dtype(pre))
+    if not info.tiny <= bandwidth <= info.max:
+        raise ValueError(
+            f"{op}: bandwidth {bandwidth} is outside the range of {info.dtype}, the dtype "
+            f"{pre.dtype} inputs are computed in ([{info.tiny}, {info.max}])"
+        )
 
 
 def compute_dtype(pre: torch.Tensor) -> torch.dtype:

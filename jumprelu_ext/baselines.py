@@ -5,6 +5,8 @@ these; tests use them as an independent formulation of the same math.
 
 import torch
 
+from .reference import sum_leading_dims
+
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u)
@@ -23,7 +25,7 @@ class EagerJumpReLU(torch.autograd.Function):
         eps = ctx.bandwidth
         grad_pre = (pre > threshold) * grad
         grad_threshold = -(threshold / eps) * _rectangle((pre - threshold) / eps) * grad
-        return grad_pre, grad_threshold.reshape(-1, pre.shape[-1]).sum(0).to(threshold), None
+        return grad_pre, sum_leading_dims(grad_threshold).to(threshold), None
 
 
 class EagerStep(torch.autograd.Function):
@@ -38,7 +40,7 @@ class EagerStep(torch.autograd.Function):
         pre, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
         grad_threshold = -(1.0 / eps) * _rectangle((pre - threshold) / eps) * grad
-        return torch.zeros_like(pre), grad_threshold.reshape(-1, pre.shape[-1]).sum(0).to(threshold), None
+        return torch.zeros_like(pre), sum_leading_dims(grad_threshold).to(threshold), None
 
 
 def eager_jumprelu_l0(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float):

@@ -11,6 +11,11 @@ import torch
 from ._checks import check_inputs, compute_dtype
 
 
+def sum_leading_dims(x: torch.Tensor) -> torch.Tensor:
+    """[..., F] -> [F] (works for F = 0, where reshape(-1, F) is ambiguous)."""
+    return x.sum(dim=tuple(range(x.dim() - 1))) if x.dim() > 1 else x
+
+
 def _upcast(pre, threshold):
     dtype = compute_dtype(pre)
     return pre.to(dtype), threshold.to(dtype)
@@ -33,8 +38,7 @@ def threshold_grad(pre, threshold, bandwidth, grad_elem=None, elem_is_jumprelu=T
         weight = weight + (t if elem_is_jumprelu else 1.0) * grad_elem.to(x.dtype)
     if grad_row is not None:
         weight = weight + grad_row.to(x.dtype).unsqueeze(-1)
-    summed = (in_window * weight).reshape(-1, x.shape[-1]).sum(0)
-    return (-summed / eps).to(threshold.dtype)
+    return (-sum_leading_dims(in_window * weight) / eps).to(threshold.dtype)
 
 
 def jumprelu_forward(pre, threshold):

@@ -18,7 +18,7 @@ from jumprelu_ext import reference
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 requires_compiled = pytest.mark.skipif(
-    not jumprelu_ext.COMPILED, reason="compares the compiled kernels; the package runs on the reference fallback"
+    not jumprelu_ext.COMPILED, reason="needs the compiled extension; the package runs on the reference fallback"
 )
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=requires_cuda)]
@@ -55,7 +55,7 @@ BASELINE_TOL = {
     torch.float64: {"rtol": 1e-12, "atol": 1e-12},
 }
 
-LAYOUTS = ["contiguous", "transposed", "sliced"]
+LAYOUTS = ["contiguous", "transposed", "sliced", "offset"]
 
 
 @pytest.fixture(params=DEVICES)
@@ -93,9 +93,17 @@ def rand_like_grad(shape, dtype, device, seed):
 
 
 def with_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """A tensor with x's values and shape, laid out contiguous, transposed, or as a strided slice."""
+    """A tensor with x's values and shape, laid out contiguous, transposed, as a strided slice,
+    or contiguous but starting one element into its storage (a data pointer that is not
+    16-byte aligned: kernels with vector loads must fall back to scalar accesses)."""
     if layout == "contiguous":
         return x.contiguous()
+    if layout == "offset":
+        storage = torch.full((x.numel() + 1,), float("nan"), dtype=x.dtype, device=x.device)
+        storage[1:] = x.reshape(-1)
+        out = storage[1:].view(x.shape)
+        assert out.is_contiguous() and out.storage_offset() == 1 and torch.equal(out, x)
+        return out
     if layout == "transposed":
         if x.dim() < 2:
             pytest.skip("transposing needs at least 2 dims")

@@ -117,9 +117,10 @@ def _ulp_neighbours(center, dtype, k):
 @pytest.mark.parametrize("bandwidth", [0.1, 1e-3, 0.3], ids=["eps0.1", "eps1e-3", "eps0.3"])
 @pytest.mark.parametrize("pre_dtype,theta_dtype", DTYPE_PAIRS)
 def test_window_edge_scan_matches_reference(device, pre_dtype, theta_dtype, bandwidth):
-    """Every representable pre within 40 ulps of θ ± ε/2 (ε not a power of two, so (pre−θ)/ε
-    rounds): the kernel's per-element window decision and θ-gradient must equal the reference's
-    bit for bit; this pins the arithmetic ((pre − θ)/ε in fp32 or fp64, a true division)."""
+    """Every representable pre within 40 ulps of θ ± ε/2 (ε mostly not a power of two, so
+    (pre−θ)/ε rounds): the kernel's per-element window decision and θ-gradient must equal the
+    reference's bit for bit. Catches a closed window (<= instead of <), a window computed in
+    pre's low precision instead of fp32, or a shifted edge."""
     theta_value = torch.tensor(0.7, dtype=pre_dtype).to(theta_dtype).item()
     pre = torch.cat(
         [_ulp_neighbours(theta_value - bandwidth / 2, pre_dtype, 40), _ulp_neighbours(theta_value + bandwidth / 2, pre_dtype, 40)]

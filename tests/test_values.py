@@ -1,7 +1,7 @@
 """Values and both gradients of the compiled ops against jumprelu_ext.reference.
 
 Every dtype pair (incl. fp32 θ with bf16/fp16/fp64 pre), 1-D/2-D/3-D pre, contiguous,
-transposed and strided-slice layouts, for jumprelu, step and jumprelu_l0 (with both outputs
+transposed, strided-slice and misaligned (storage offset 1) layouts, for jumprelu, step and jumprelu_l0 (with both outputs
 in the loss and with only one). Forward values and grad_pre must be bit-exact (same fp32/fp64
 arithmetic); grad_θ is checked to the per-dtype tolerance of conftest.THETA_GRAD_TOL.
 """
@@ -24,13 +24,15 @@ from conftest import (
     rand_like_grad,
     reference_theta_grad,
     requires_compiled,
+    requires_cuda,
     with_layout,
 )
 
 pytestmark = requires_compiled
 
 BANDWIDTH = 0.1
-SHAPES = [(53,), (33, 19), (4, 9, 23)]
+# Odd feature counts (scalar code paths) and multiples of 8 (16-byte vector paths for every dtype).
+SHAPES = [(53,), (33, 19), (4, 9, 23), (16, 24), (3, 5, 32)]
 SHAPE_LAYOUTS = [
     pytest.param(shape, layout, id=f"{'x'.join(map(str, shape))}-{layout}")
     for shape in SHAPES
@@ -184,3 +186,70 @@ def test_public_function_equals_torch_ops(device, op):
     assert len(public) == len(direct)
     for a, b in zip(public, direct):
         assert_exact(a, b, op)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(300, 64), (1000, 3), (4097, 8), (3, 40000), (2, 65, 33)],
+    ids=["300x64", "1000x3", "4097x8", "3x40000-wide", "2x65x33"],
+)
+@pytest.mark.parametrize("pre_dtype,theta_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)], ids=["f32", "bf16-f32theta"])
+def test_many_row_chunks_and_wide_features(device, shape, pre_dtype, theta_dtype):
+    """Row counts that need many (uneven) reduction chunks, and F beyond one parallel grain."""
+    pre, theta = make_inputs(shape, pre_dtype, theta_dtype, device, seed=sum(shape), bandwidth=BANDWIDTH)
+    pre.requires_grad_()
+    theta.requires_grad_()
+    g = rand_like_grad(shape, pre_dtype, device, 51)
+    g_l0 = rand_like_grad(shape[:-1], pre_dtype, device, 52)
+    acts, l0 = jumprelu_ext.jumprelu_l0(pre, theta, BANDWIDTH)
+    assert_exact(acts, reference.jumprelu_forward(cpu(pre), cpu(theta)), "acts")
+    assert_exact(l0, reference.l0_forward(cpu(pre), cpu(theta)), "l0")
+    grad_pre, grad_theta = grads([acts, l0], [pre, theta], [g, g_l0])
+    assert_exact(grad_pre, reference.jumprelu_input_grad(cpu(g), cpu(pre), cpu(theta)), "grad_pre")
+    expected, scale = reference_theta_grad(pre, theta, BANDWIDTH, grad_elem=g, grad_row=g_l0)
+    assert_theta_grad_close(grad_theta, expected, scale, theta_dtype)
+
+
+@pytest.mark.parametrize("pre_dtype,theta_dtype", DTYPE_PAIRS)
+def test_expanded_pre(device, pre_dtype, theta_dtype):
+    """A stride-0 (broadcast) pre, as from x.expand(): values and gradients as for its copy."""
+    row, theta = make_inputs((1, 13), pre_dtype, theta_dtype, device, seed=61, bandwidth=BANDWIDTH)
+    base = row.clone().requires_grad_()
+    pre = base.expand(6, 13)
+    assert pre.stride(0) == 0
+    theta.requires_grad_()
+    g = rand_like_grad((6, 13), pre_dtype, device, 62)
+    acts = jumprelu_ext.jumprelu(pre, theta, BANDWIDTH)
+    assert_exact(acts, reference.jumprelu_forward(cpu(pre).contiguous(), cpu(theta)), "acts")
+    grad_base, grad_theta = torch.autograd.grad(acts, (base, theta), g)
+    expected_pre = reference.jumprelu_input_grad(cpu(g), cpu(pre).contiguous(), cpu(theta)).double().sum(0, keepdim=True)
+    torch.testing.assert_close(cpu(grad_base).double(), expected_pre, rtol=1e-2, atol=1e-2)
+    expected, scale = reference_theta_grad(pre.contiguous(), theta, BANDWIDTH, grad_elem=g)
+    assert_theta_grad_close(grad_theta, expected, scale, theta_dtype)
+
+
+@requires_cuda
+@pytest.mark.parametrize("pre_dtype,theta_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)], ids=["f32", "bf16-f32theta"])
+def test_cuda_side_stream(pre_dtype, theta_dtype):
+    """Kernels launch on the current stream: results computed on a side stream equal the
+    default stream's (a kernel on the wrong stream races with the producer of its input)."""
+    pre, theta = make_inputs((512, 96), pre_dtype, theta_dtype, "cuda", seed=71, bandwidth=BANDWIDTH)
+    g = rand_like_grad(pre.shape, pre_dtype, "cuda", 72)
+    g_l0 = rand_like_grad(pre.shape[:-1], pre_dtype, "cuda", 73)
+
+    def run():
+        p = (pre * 1).requires_grad_()  # produced on the current stream
+        t = theta.clone().requires_grad_()
+        acts, l0 = jumprelu_ext.jumprelu_l0(p, t, BANDWIDTH)
+        gp, gt = grads([acts, l0], [p, t], [g, g_l0])
+        return acts, l0, gp, gt
+
+    expected = run()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = run()
+    side.synchronize()
+    for a, b, name in zip(got, expected, ["acts", "l0", "grad_pre", "grad_threshold"]):
+        assert_exact(a, b, name)

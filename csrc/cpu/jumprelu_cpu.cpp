@@ -31,29 +31,54 @@ std::vector<acc_t> threshold_as_acc(const at::Tensor& threshold) {
 template <typename acc_t>
 using count_t = std::conditional_t<sizeof(acc_t) == 8, int64_t, int32_t>;
 
+// One row of the forward. The row loops are plain functions with __restrict pointer
+// parameters: inside the parallel_for lambdas gcc cannot prove the arrays disjoint and
+// stops vectorising.
+template <typename scalar_t, typename acc_t, bool STEP>
+count_t<acc_t> forward_row(const scalar_t* __restrict pre, const acc_t* __restrict theta,
+                           scalar_t* __restrict out, int64_t features) {
+  count_t<acc_t> active = 0;
+  for (int64_t j = 0; j < features; ++j) {
+    const acc_t x = static_cast<acc_t>(pre[j]);
+    const acc_t on = x > theta[j] ? acc_t(1) : acc_t(0);
+    // x * on rather than a select: NaN (and -inf) in pre give NaN, like pre·H.
+    out[j] = static_cast<scalar_t>(STEP ? on : x * on);
+    active += x > theta[j] ? 1 : 0;
+  }
+  return active;
+}
+
 template <typename scalar_t, typename theta_t, typename acc_t, bool STEP, bool WITH_L0>
 void forward_kernel(const ForwardArgs& a) {
   const int64_t rows = a.pre.size(0), features = a.pre.size(1);
   const scalar_t* pre = a.pre.data_ptr<scalar_t>();
   scalar_t* out = a.out.data_ptr<scalar_t>();
   scalar_t* l0 = WITH_L0 ? a.l0.data_ptr<scalar_t>() : nullptr;
-  const std::vector<acc_t> theta_acc = threshold_as_acc<acc_t, theta_t>(a.threshold);
-  const acc_t* __restrict theta = theta_acc.data();
+  const std::vector<acc_t> theta = threshold_as_acc<acc_t, theta_t>(a.threshold);
   at::parallel_for(0, rows, row_grain(features), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* __restrict p = pre + r * features;
-      scalar_t* __restrict o = out + r * features;
-      count_t<acc_t> active = 0;
-      for (int64_t j = 0; j < features; ++j) {
-        const acc_t x = static_cast<acc_t>(p[j]);
-        const acc_t on = x > theta[j] ? acc_t(1) : acc_t(0);
-        // x * on rather than a select: NaN (and -inf) in pre give NaN, like pre·H.
-        o[j] = static_cast<scalar_t>(STEP ? on : x * on);
-        if (WITH_L0) active += x > theta[j] ? 1 : 0;
-      }
+      const auto active = forward_row<scalar_t, acc_t, STEP>(pre + r * features, theta.data(),
+                                                             out + r * features, features);
       if (WITH_L0) l0[r] = static_cast<scalar_t>(active);
     }
   });
+}
+
+// One row of the backward: writes grad_pre (if WRITE_GRAD_PRE) and adds this row's
+// θ-gradient terms, K·(coef·g + g_row), to the chunk's partial sums.
+template <typename scalar_t, typename acc_t, bool HAS_ELEM, bool WRITE_GRAD_PRE>
+void backward_row(const scalar_t* __restrict pre, const scalar_t* __restrict grad_elem,
+                  acc_t g_row, const acc_t* __restrict theta, const acc_t* __restrict elem_coef,
+                  acc_t eps, scalar_t* __restrict grad_pre, acc_t* __restrict partial,
+                  int64_t features) {
+  for (int64_t j = 0; j < features; ++j) {
+    const acc_t x = static_cast<acc_t>(pre[j]);
+    const acc_t u = (x - theta[j]) / eps;
+    const acc_t in_window = (u > acc_t(-0.5)) & (u < acc_t(0.5)) ? acc_t(1) : acc_t(0);
+    const acc_t g = HAS_ELEM ? static_cast<acc_t>(grad_elem[j]) : acc_t(0);
+    if (WRITE_GRAD_PRE) grad_pre[j] = static_cast<scalar_t>(g * (x > theta[j] ? acc_t(1) : acc_t(0)));
+    partial[j] += in_window * (elem_coef[j] * g + g_row);
+  }
 }
 
 // Fixed chunking (a function of rows only) keeps the θ-gradient sum order, and so its
@@ -70,31 +95,22 @@ void backward_kernel(const BackwardArgs& a) {
   const scalar_t* grad_elem = HAS_ELEM ? a.grad_elem.data_ptr<scalar_t>() : nullptr;
   const scalar_t* grad_row = a.grad_row.defined() ? a.grad_row.data_ptr<scalar_t>() : nullptr;
   scalar_t* grad_pre = WRITE_GRAD_PRE ? a.grad_pre.data_ptr<scalar_t>() : nullptr;
-  const std::vector<acc_t> theta_acc = threshold_as_acc<acc_t, theta_t>(a.threshold);
+  const std::vector<acc_t> theta = threshold_as_acc<acc_t, theta_t>(a.threshold);
   // Weight of grad_elem in the θ-gradient: θ for JumpReLU, 1 for the step.
-  const std::vector<acc_t> coef_acc =
-      a.elem_is_jumprelu ? theta_acc : std::vector<acc_t>(features, acc_t(1));
-  const acc_t* __restrict theta = theta_acc.data();
-  const acc_t* __restrict elem_coef = coef_acc.data();
+  const std::vector<acc_t> elem_coef =
+      a.elem_is_jumprelu ? theta : std::vector<acc_t>(features, acc_t(1));
   std::vector<acc_t> partials(chunks * features, acc_t(0));
 
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-      acc_t* __restrict partial = partials.data() + c * features;
       const int64_t row_end = std::min(rows, (c + 1) * chunk_rows);
       for (int64_t r = c * chunk_rows; r < row_end; ++r) {
-        const scalar_t* __restrict p = pre + r * features;
-        const scalar_t* __restrict g = HAS_ELEM ? grad_elem + r * features : nullptr;
-        scalar_t* __restrict gp = WRITE_GRAD_PRE ? grad_pre + r * features : nullptr;
-        const acc_t g_row = grad_row ? static_cast<acc_t>(grad_row[r]) : acc_t(0);
-        for (int64_t j = 0; j < features; ++j) {
-          const acc_t x = static_cast<acc_t>(p[j]);
-          const acc_t u = (x - theta[j]) / eps;
-          const acc_t in_window = (u > acc_t(-0.5)) & (u < acc_t(0.5)) ? acc_t(1) : acc_t(0);
-          const acc_t g_elem = HAS_ELEM ? static_cast<acc_t>(g[j]) : acc_t(0);
-          if (WRITE_GRAD_PRE) gp[j] = static_cast<scalar_t>(g_elem * (x > theta[j] ? acc_t(1) : acc_t(0)));
-          partial[j] += in_window * (elem_coef[j] * g_elem + g_row);
-        }
+        const int64_t offset = r * features;
+        backward_row<scalar_t, acc_t, HAS_ELEM, WRITE_GRAD_PRE>(
+            pre + offset, HAS_ELEM ? grad_elem + offset : nullptr,
+            grad_row ? static_cast<acc_t>(grad_row[r]) : acc_t(0), theta.data(), elem_coef.data(),
+            eps, WRITE_GRAD_PRE ? grad_pre + offset : nullptr, partials.data() + c * features,
+            features);
       }
     }
   });
