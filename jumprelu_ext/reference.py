@@ -61,11 +61,19 @@ def jumprelu_input_grad(grad, pre, threshold):
     return (grad.to(x.dtype) * _heaviside(x, t)).to(pre.dtype)
 
 
-class _JumpReLU(torch.autograd.Function):
+class _SavesInputs(torch.autograd.Function):
+    """Saves only pre and θ for backward, like the compiled ops."""
+
     @staticmethod
-    def forward(ctx, pre, threshold, bandwidth):
+    def setup_context(ctx, inputs, output):
+        pre, threshold, bandwidth = inputs
         ctx.save_for_backward(pre, threshold)
         ctx.bandwidth = bandwidth
+
+
+class _JumpReLU(_SavesInputs):
+    @staticmethod
+    def forward(pre, threshold, bandwidth):
         return jumprelu_forward(pre, threshold)
 
     @staticmethod
@@ -75,11 +83,9 @@ class _JumpReLU(torch.autograd.Function):
         return grad_pre, threshold_grad(pre, threshold, ctx.bandwidth, grad_elem=grad), None
 
 
-class _Step(torch.autograd.Function):
+class _Step(_SavesInputs):
     @staticmethod
-    def forward(ctx, pre, threshold, bandwidth):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
+    def forward(pre, threshold, bandwidth):
         return step_forward(pre, threshold)
 
     @staticmethod
@@ -89,13 +95,15 @@ class _Step(torch.autograd.Function):
         return None, grad_threshold, None
 
 
-class _JumpReLUL0(torch.autograd.Function):
+class _JumpReLUL0(_SavesInputs):
     @staticmethod
-    def forward(ctx, pre, threshold, bandwidth):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        ctx.set_materialize_grads(False)
+    def forward(pre, threshold, bandwidth):
         return jumprelu_forward(pre, threshold), l0_forward(pre, threshold)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _SavesInputs.setup_context(ctx, inputs, output)
+        ctx.set_materialize_grads(False)  # an unused output arrives as None
 
     @staticmethod
     def backward(ctx, grad_acts, grad_l0):

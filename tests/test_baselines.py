@@ -28,30 +28,21 @@ def _close(got, expected, dtype, what):
 SHAPES = [pytest.param((64, 32), id="2d"), pytest.param((3, 7, 16), id="3d"), pytest.param((16,), id="1d")]
 DTYPES = [torch.float32, torch.float64]
 
+ELEMENTWISE_PAIRS = [
+    pytest.param(jumprelu_ext.jumprelu, baselines.EagerJumpReLU.apply, id="jumprelu"),
+    pytest.param(jumprelu_ext.step, baselines.EagerStep.apply, id="step"),
+]
 
+
+@pytest.mark.parametrize("ours_fn, eager_fn", ELEMENTWISE_PAIRS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_jumprelu_vs_eager(device, dtype, shape):
+def test_elementwise_op_vs_eager(device, dtype, shape, ours_fn, eager_fn):
     pre, theta = _inputs(device, dtype, shape, seed=201)
     g = rand_like_grad(shape, dtype, device, 202)
-    ours = jumprelu_ext.jumprelu(pre, theta, EPS)
-    eager = baselines.EagerJumpReLU.apply(pre, theta, EPS)
-    _close(ours, eager, dtype, "acts")
-    got = grads([ours], [pre, theta], [g])
-    expected = grads([eager], [pre, theta], [g])
-    assert cpu(expected[1]).abs().sum() > 0
-    _close(got[0], expected[0], dtype, "grad_pre")
-    _close(got[1], expected[1], dtype, "grad_threshold")
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("shape", SHAPES)
-def test_step_vs_eager(device, dtype, shape):
-    pre, theta = _inputs(device, dtype, shape, seed=211)
-    g = rand_like_grad(shape, dtype, device, 212)
-    ours = jumprelu_ext.step(pre, theta, EPS)
-    eager = baselines.EagerStep.apply(pre, theta, EPS)
-    _close(ours, eager, dtype, "step")
+    ours = ours_fn(pre, theta, EPS)
+    eager = eager_fn(pre, theta, EPS)
+    _close(ours, eager, dtype, "output")
     got = grads([ours], [pre, theta], [g])
     expected = grads([eager], [pre, theta], [g])
     assert cpu(expected[1]).abs().sum() > 0
