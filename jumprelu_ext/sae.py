@@ -1,0 +1,130 @@
+"""A JumpReLU sparse autoencoder built on the fused ``jumprelu_l0`` op (GUIDE.md §1)."""
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import jumprelu_l0
+
+
+class SAEOutput(NamedTuple):
+    reconstruction: torch.Tensor
+    acts: torch.Tensor
+    l0: torch.Tensor
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"JumpReLUSAE: {name} must be a positive int, got {value!r}")
+
+
+def _check_positive_float(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"JumpReLUSAE: {name} must be a positive finite number, got {value!r}")
+
+
+class JumpReLUSAE(nn.Module):
+    """x̂ = JumpReLU_θ(x @ W_enc + b_enc) @ W_dec + b_dec, with θ > 0 one per feature.
+
+    θ is stored as ``log_threshold`` (θ = exp(log_threshold), the paper's choice) or, with
+    threshold_param="raw", as ``threshold`` directly. θ is always fp32, whatever ``dtype``
+    the weights use: a bf16 θ stops learning (its updates round away).
+    """
+
+    def __init__(
+        self, d_in, d_sae, bandwidth=1e-3, init_threshold=1e-3, threshold_param="log", device=None, dtype=None
+    ):
+        super().__init__()
+        _check_positive_int("d_in", d_in)
+        _check_positive_int("d_sae", d_sae)
+        _check_positive_float("bandwidth", bandwidth)
+        _check_positive_float("init_threshold", init_threshold)
+        if threshold_param not in ("log", "raw"):
+            raise ValueError(f"JumpReLUSAE: threshold_param must be 'log' or 'raw', got {threshold_param!r}")
+        self.d_in, self.d_sae = d_in, d_sae
+        self.bandwidth = float(bandwidth)
+        self.threshold_param = threshold_param
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+
+        # Decoder rows are random unit vectors and the encoder starts as their transpose.
+        # Draw and normalise in fp32 so that low-precision weights start as close to unit as they can.
+        w_dec = torch.randn(d_sae, d_in, device=device, dtype=torch.float32)
+        w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec.to(dtype))
+        self.W_enc = nn.Parameter(w_dec.t().contiguous().to(dtype))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
+
+        theta = torch.full((d_sae,), float(init_threshold), device=device, dtype=torch.float32)
+        if threshold_param == "log":
+            self.log_threshold = nn.Parameter(theta.log())
+        else:
+            self.threshold = nn.Parameter(theta)
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        """θ in fp32 (differentiable: exp of log_threshold, or the raw parameter)."""
+        if self.threshold_param == "log":
+            return self.log_threshold.float().exp()
+        # In raw mode the parameter shares this name: nn.Module keeps it in _parameters, and
+        # the property reads it from there. AttributeError (not KeyError) before it is registered,
+        # so that register_parameter's hasattr() check passes.
+        p = self._parameters.get("threshold")
+        if p is None:
+            raise AttributeError("threshold")
+        return p.float()
+
+    def encode(self, x: torch.Tensor):
+        """x [..., d_in] -> (acts [..., d_sae], l0 [...])."""
+        if x.dim() < 1 or x.shape[-1] != self.d_in:
+            got = x.shape[-1] if x.dim() >= 1 else "a 0-d tensor"
+            raise ValueError(f"JumpReLUSAE.encode: expected input with last dimension d_in={self.d_in}, got {got}")
+        # F.linear (not `x @ W + b`) so autocast runs the whole affine map in its low-precision
+        # dtype; an fp32 bias added afterwards would promote pre back to fp32.
+        pre = F.linear(x, self.W_enc.t(), self.b_enc)
+        return jumprelu_l0(pre, self.threshold, self.bandwidth)
+
+    def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        return F.linear(acts, self.W_dec.t(), self.b_dec)
+
+    def forward(self, x: torch.Tensor) -> SAEOutput:
+        acts, l0 = self.encode(x)
+        return SAEOutput(self.decode(acts), acts, l0)
+
+    def loss(self, x: torch.Tensor, l0_coefficient: float):
+        """(total, mse, l0_mean): mse = mean over rows of ‖x − x̂‖², total = mse + λ·mean(L0).
+
+        Reduced in fp32 so bf16 autocast outputs do not lose the loss's small differences.
+        The L0 term reaches θ only through the op's straight-through estimator.
+        """
+        out = self(x)
+        mse = (x.float() - out.reconstruction.float()).pow(2).sum(-1).mean()
+        l0_mean = out.l0.float().mean()
+        return mse + l0_coefficient * l0_mean, mse, l0_mean
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self):
+        """Project out of W_dec.grad each row's component along that row (call before the step),
+        so the step moves rows along the unit sphere rather than changing their norms."""
+        w, g = self.W_dec, self.W_dec.grad
+        if g is None:
+            return
+        wf = w.float()
+        coef = (g.float() * wf).sum(1, keepdim=True) / wf.pow(2).sum(1, keepdim=True).clamp_min(1e-12)
+        g.sub_((coef * wf).to(g.dtype))
+
+    @torch.no_grad()
+    def normalize_decoder(self):
+        """Renormalise W_dec rows to unit norm (call after the step): the L0 penalty would
+        otherwise be dodged by shrinking encoder activations while growing decoder rows."""
+        norms = self.W_dec.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.copy_(self.W_dec.float() / norms)
+
+    def extra_repr(self):
+        return (
+            f"d_in={self.d_in}, d_sae={self.d_sae}, bandwidth={self.bandwidth}, "
+            f"threshold_param={self.threshold_param!r}"
+        )

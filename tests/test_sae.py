@@ -1,0 +1,164 @@
+"""JumpReLUSAE: init recipe, forward/loss math, gradients, decoder norm, bf16 autocast, errors (CPU)."""
+
+import pytest
+import torch
+
+from jumprelu_ext import JumpReLUSAE
+
+D_IN, D_SAE, BATCH = 8, 32, 16
+
+
+def make_sae(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return JumpReLUSAE(D_IN, D_SAE, **kwargs)
+
+
+def randomize(sae, seed=1):
+    """Nonzero biases and perturbed weights, so the math checks exercise every term."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def manual_forward(sae, x):
+    pre = x @ sae.W_enc + sae.b_enc
+    theta = sae.threshold.detach()
+    acts = pre * (pre > theta).to(pre.dtype)  # strict step: pre == θ is off
+    return acts @ sae.W_dec + sae.b_dec, acts, (pre > theta).sum(-1).to(pre.dtype)
+
+
+@pytest.mark.parametrize("param", ["log", "raw"])
+def test_init(param):
+    sae = make_sae(init_threshold=0.02, threshold_param=param)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
+    assert torch.equal(sae.W_enc, sae.W_dec.t())
+    assert sae.W_enc.shape == (D_IN, D_SAE) and sae.W_dec.shape == (D_SAE, D_IN)
+    assert not sae.b_enc.any() and not sae.b_dec.any()
+    assert sae.b_enc.shape == (D_SAE,) and sae.b_dec.shape == (D_IN,)
+    torch.testing.assert_close(sae.threshold, torch.full((D_SAE,), 0.02))
+    names = {n for n, _ in sae.named_parameters()}
+    theta_name = "log_threshold" if param == "log" else "threshold"
+    assert names == {"W_enc", "b_enc", "W_dec", "b_dec", theta_name}
+    assert sae.get_parameter(theta_name).dtype == torch.float32
+
+
+def test_threshold_fp32_with_bf16_weights():
+    sae = make_sae(dtype=torch.bfloat16)
+    assert sae.W_enc.dtype == sae.W_dec.dtype == torch.bfloat16
+    assert sae.log_threshold.dtype == torch.float32 and sae.threshold.dtype == torch.float32
+
+
+@pytest.mark.parametrize("param", ["log", "raw"])
+def test_forward_matches_manual_math(param):
+    sae = make_sae(init_threshold=0.1, threshold_param=param)
+    randomize(sae)
+    x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(2))
+    out = sae(x)
+    assert out.reconstruction.shape == (BATCH, D_IN)
+    assert out.acts.shape == (BATCH, D_SAE) and out.l0.shape == (BATCH,)
+    recon, acts, l0 = manual_forward(sae, x)
+    assert 0 < l0.sum() < BATCH * D_SAE  # some features on, some off
+    torch.testing.assert_close(out.acts, acts)
+    torch.testing.assert_close(out.l0, l0)
+    torch.testing.assert_close(out.reconstruction, recon)
+    # Extra leading dims pass through.
+    out3 = sae(x.view(2, BATCH // 2, D_IN))
+    assert out3.acts.shape == (2, BATCH // 2, D_SAE) and out3.l0.shape == (2, BATCH // 2)
+
+
+def test_loss_matches_manual():
+    sae = make_sae(init_threshold=0.1)
+    randomize(sae)
+    x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(3))
+    total, mse, l0_mean = sae.loss(x, l0_coefficient=0.05)
+    recon, _, l0 = manual_forward(sae, x)
+    mse_ref = ((x - recon) ** 2).sum(-1).mean()
+    torch.testing.assert_close(mse, mse_ref)
+    torch.testing.assert_close(l0_mean, l0.mean())
+    torch.testing.assert_close(total, mse_ref + 0.05 * l0.mean())
+
+
+@pytest.mark.parametrize("param", ["log", "raw"])
+def test_gradients_reach_threshold_and_weights(param):
+    # θ = 0.5, ε = 0.1; b_enc = θ + 0.01 and tiny inputs put every pre inside the window (θ ± ε/2).
+    eps, theta = 0.1, 0.5
+    sae = make_sae(bandwidth=eps, init_threshold=theta, threshold_param=param)
+    with torch.no_grad():
+        sae.b_enc.fill_(theta + 0.01)
+    x = 1e-3 * torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(4))
+    theta_param = sae.log_threshold if param == "log" else sae.get_parameter("threshold")
+
+    grads = {}
+    for lam in (0.0, 1.0):
+        sae.zero_grad(set_to_none=True)
+        sae.loss(x, lam)[0].backward()
+        grads[lam] = theta_param.grad.clone()
+        for name, p in sae.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+            assert torch.isfinite(p.grad).all(), name
+    # The L0 term alone: ∂mean(L0)/∂θ = −(1/ε)·(rows in window)/BATCH = −1/ε per feature here,
+    # times dθ/dlogθ = θ in log space.
+    expected = torch.full((D_SAE,), -1.0 / eps) * (theta if param == "log" else 1.0)
+    torch.testing.assert_close(grads[1.0] - grads[0.0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_norm_projection_and_renormalisation():
+    sae = make_sae(init_threshold=0.1)
+    randomize(sae)
+    sae.normalize_decoder()
+    x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(5))
+    sae.loss(x, 0.01)[0].backward()
+    rows = sae.W_dec.detach()
+    assert (sae.W_dec.grad * rows).sum(1).abs().max() > 1e-3  # a parallel component to remove
+    sae.remove_parallel_decoder_grad()
+    torch.testing.assert_close((sae.W_dec.grad * rows).sum(1), torch.zeros(D_SAE), atol=1e-6, rtol=0)
+
+    torch.optim.SGD(sae.parameters(), lr=1.0).step()
+    assert (sae.W_dec.detach().norm(dim=1) - 1).abs().max() > 1e-4  # the step moved off the sphere
+    sae.normalize_decoder()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
+    assert sae.W_dec.requires_grad  # still a leaf parameter
+
+
+@pytest.mark.parametrize("param", ["log", "raw"])
+def test_bf16_autocast_keeps_threshold_fp32(param):
+    sae = make_sae(init_threshold=0.1, threshold_param=param)
+    x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sae(x)
+        assert out.acts.dtype == torch.bfloat16  # pre was bf16 ...
+        assert sae.threshold.dtype == torch.float32  # ... while θ stayed fp32
+        total, mse, l0_mean = sae.loss(x, 0.1)
+    assert total.dtype == torch.float32 and torch.isfinite(total)
+    total.backward()
+    theta_param = sae.log_threshold if param == "log" else sae.get_parameter("threshold")
+    assert theta_param.dtype == torch.float32 and theta_param.grad.dtype == torch.float32
+    for name, p in sae.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_bad_input_dim_raises():
+    sae = make_sae()
+    with pytest.raises(ValueError, match=r"d_in=8.*got 7"):
+        sae.encode(torch.randn(4, 7))
+    with pytest.raises(ValueError, match="d_in=8"):
+        sae(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(d_in=0, d_sae=4),
+        dict(d_in=4, d_sae=-1),
+        dict(d_in=4.0, d_sae=4),
+        dict(d_in=True, d_sae=4),
+        dict(d_in=4, d_sae=4, bandwidth=0.0),
+        dict(d_in=4, d_sae=4, bandwidth=float("nan")),
+        dict(d_in=4, d_sae=4, init_threshold=-1e-3),
+        dict(d_in=4, d_sae=4, threshold_param="exp"),
+    ],
+)
+def test_bad_constructor_args_raise(kwargs):
+    with pytest.raises(ValueError):
+        JumpReLUSAE(**kwargs)
