@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for the GPU machine: build the extension, run the whole test suite with the
 # CUDA tests enabled, run the CUDA op tests under compute-sanitizer (memcheck, racecheck),
-# and benchmark. Logs and JSON results go to OUT_DIR; benchmarks/RESULTS.md is updated and
+# and run both benchmarks (ops, training step). Logs and JSON results go to OUT_DIR; benchmarks/RESULTS.md is updated and
 # copied there too. Exits non-zero if any step failed (every step still runs).
 #   usage: benchmarks/gpu_check.sh OUT_DIR
 set -uo pipefail
@@ -52,7 +52,9 @@ step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 97 \
 # The kernels use no shared memory; racecheck confirms no hazard on a smaller set.
 step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 97 \
   "$python" -m pytest tests/test_boundaries.py tests/test_determinism.py -q -x -k cuda
-step bench_ops 300 "$python" benchmarks/bench_ops.py --device cuda --out "$out" \
+step bench_ops 240 "$python" benchmarks/bench_ops.py --device cuda --out "$out" \
+  --markdown benchmarks/RESULTS.md
+step bench_train 150 "$python" benchmarks/bench_train.py --device cuda --out "$out" \
   --markdown benchmarks/RESULTS.md
 cp benchmarks/RESULTS.md "$out/"
 exit $status
