@@ -90,6 +90,8 @@ def main() -> int:
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
     d_in = args.d_in or (2304 if cuda else 256)
     batch = args.batch or (4096 if cuda else 1024)
     d_saes = [int(v) for v in (args.d_sae or ("16384,131072" if cuda else "4096")).split(",")]
