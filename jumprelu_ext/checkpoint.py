@@ -1,0 +1,184 @@
+"""Crash-safe training checkpoints (resume support) for the JumpReLU SAE trainer.
+
+A checkpoint is one ``torch.save`` file holding a plain dict (see ``save_checkpoint``). It is
+written atomically: to a temporary file in the destination folder, flushed and fsynced, then
+``os.replace``d onto the final name (and the folder fsynced where the OS allows it). A process
+killed at any point therefore leaves either the previous checkpoint or the new one, never a
+half-written file under the final name; a stray ``.tmp`` file may remain only after a hard kill
+between creation and rename, and it is never picked up by ``latest_checkpoint``.
+
+All content is ``torch.load(weights_only=True)``-compatible: tensors, dicts, lists, tuples,
+numbers, strings, None. RNG states are converted accordingly (numpy's key array becomes a
+list of ints, python ``random``'s state tuple becomes lists).
+"""
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT_VERSION = 1
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "atomic_write_bytes",
+    "capture_rng_state",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+]
+
+
+def _fsync_dir(directory: Path) -> None:
+    """fsync a directory so a rename inside it is durable; a no-op where unsupported (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path, write_fn) -> Path:
+    """Call ``write_fn(fileobj)`` on a temp file next to ``path``, fsync it, then os.replace it
+    onto ``path``. On any failure the temp file is removed and ``path`` is left untouched."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.NamedTemporaryFile(dir=directory, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    tmp_name = tmp.name
+    try:
+        with tmp:
+            write_fn(tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(directory)
+    return path
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + os.replace)."""
+    return _atomic_write(path, lambda f: f.write(data))
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state
+
+
+def capture_rng_state() -> dict:
+    """Every RNG a training step can touch, as weights_only-loadable content.
+
+    Keys: ``torch`` (CPU ByteTensor), ``cuda`` (list of ByteTensors, one per device, or None
+    without CUDA), ``numpy`` (the legacy global ``np.random`` state as a dict of plain values)
+    and ``python`` (``random.getstate()`` as lists).
+    """
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": {
+            "name": str(np_name),
+            "keys": [int(k) for k in np_keys],
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "python": {"version": int(py_version), "internal": [int(v) for v in py_internal], "gauss_next": py_gauss},
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of ``capture_rng_state``. CUDA states are restored only when CUDA is available
+    and the checkpoint has them (a CPU-only resume of a GPU run keeps the CPU streams exact)."""
+    torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
+    cuda_states = state.get("cuda")
+    if cuda_states is not None and torch.cuda.is_available():
+        n = min(len(cuda_states), torch.cuda.device_count())
+        for i in range(n):
+            torch.cuda.set_rng_state(torch.as_tensor(cuda_states[i], dtype=torch.uint8).cpu(), i)
+    npst = state["numpy"]
+    np.random.set_state(
+        (
+            npst["name"],
+            np.asarray(npst["keys"], dtype=np.uint32),
+            int(npst["pos"]),
+            int(npst["has_gauss"]),
+            float(npst["cached_gaussian"]),
+        )
+    )
+    py = state["python"]
+    random.setstate((int(py["version"]), tuple(int(v) for v in py["internal"]), py["gauss_next"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+_REQUIRED_KEYS = ("sae", "optimizer", "step")
+
+
+def save_checkpoint(path, state: dict) -> Path:
+    """Atomically write a training checkpoint to ``path`` (a file path).
+
+    ``state`` is a dict; the trainer stores at least:
+      ``sae`` (module state_dict), ``optimizer`` (optimizer state_dict), ``step`` (int),
+    and normally also ``scheduler`` (LR-scheduler state_dict or None), ``rng``
+    (``capture_rng_state()``), ``data`` (small dict describing the data iterator's position),
+    ``config`` (the training config dict) and ``input_scale`` (the scalar c with E‖c·x‖² = 1).
+    A ``format_version`` key is added. Content should be weights_only-compatible.
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"save_checkpoint: state must be a dict, got {type(state).__name__}")
+    missing = [k for k in _REQUIRED_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"save_checkpoint: state is missing required keys {missing}")
+    payload = dict(state)
+    payload.setdefault("format_version", CHECKPOINT_FORMAT_VERSION)
+    return _atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path, map_location="cpu", weights_only: bool = True) -> dict:
+    """Read a checkpoint written by ``save_checkpoint``.
+
+    Raises FileNotFoundError if ``path`` does not exist and ValueError (naming the file) if it
+    cannot be read as a checkpoint (truncated, corrupt, not a dict, or missing required keys).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError / ... here
+        raise ValueError(f"checkpoint {path} is corrupt or unreadable: {type(e).__name__}: {e}") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} does not hold a dict (got {type(state).__name__})")
+    missing = [k for k in _REQUIRED_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint {path} is missing required keys {missing}")
+    return state
+
+
+def latest_checkpoint(out_dir):
+    """The checkpoint to resume from in ``out_dir`` (``out_dir/checkpoint.pt``), or None.
+
+    Only one fixed name is used, replaced atomically on every save, so "latest" is simply that
+    file; leftover ``.checkpoint.pt.*.tmp`` files from a killed process are ignored.
+    """
+    p = Path(out_dir) / CHECKPOINT_NAME
+    return p if p.is_file() else None
