@@ -1,0 +1,281 @@
+"""Reading cached activations for SAE training.
+
+Activations live on disk as ``.npy`` or ``.safetensors`` files of shape [N, d_in], or as a folder
+of such shards. ``open_activations`` indexes them without loading them (``.npy`` is memory-mapped,
+safetensors slices are read on demand), ``ShuffledBatches`` turns them into an exactly resumable
+stream of finite fp32 batches, and ``estimate_scale`` finds the one scalar c with E‖c·x‖² = 1
+that the recipe's ε and θ₀ are calibrated for (GUIDE §1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+__all__ = [
+    "ActivationError",
+    "ActivationStore",
+    "ShuffledBatches",
+    "estimate_scale",
+    "open_activations",
+    "split_holdout",
+]
+
+SUFFIXES = (".npy", ".safetensors")
+# safetensors spells dtypes its own way; map to numpy names so mixed-format folders compare.
+_ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+_NP_DTYPES = ("float16", "float32", "float64")
+
+
+class ActivationError(ValueError):
+    """Activations that cannot be used, with the file and the problem in the message."""
+
+
+class _Shard:
+    """One file: its row count, width and dtype, and a way to read rows from it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if path.stat().st_size == 0:
+            raise ActivationError(f"{path}: file is empty")
+        if path.suffix == ".npy":
+            self._open_npy()
+        elif path.suffix == ".safetensors":
+            self._open_safetensors()
+        else:
+            raise ActivationError(f"{path}: unsupported extension {path.suffix!r} (expected .npy or .safetensors)")
+        if len(self.shape) != 2:
+            raise ActivationError(f"{path}: expected a 2-D [rows, d_in] array, got shape {tuple(self.shape)}")
+        self.num_rows, self.d_in = int(self.shape[0]), int(self.shape[1])
+        if self.num_rows == 0:
+            raise ActivationError(f"{path}: has zero rows")
+        if self.d_in == 0:
+            raise ActivationError(f"{path}: has d_in = 0")
+
+    def _open_npy(self):
+        try:
+            # mmap: training touches a random subset per batch, never the whole file at once.
+            self._array = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        except Exception as e:  # truncated header, not an npy file, object arrays, ...
+            raise ActivationError(f"{self.path}: cannot read as .npy ({e})") from e
+        self.shape = self._array.shape
+        self.dtype = self._array.dtype.name
+        if self.dtype not in _NP_DTYPES:
+            raise ActivationError(f"{self.path}: unsupported dtype {self.dtype} (expected one of {_NP_DTYPES})")
+
+    def _open_safetensors(self):
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                names = list(f.keys())
+                if not names:
+                    raise ActivationError(f"{self.path}: contains no tensors")
+                if len(names) == 1:
+                    self._name = names[0]
+                elif "activations" in names:
+                    self._name = "activations"
+                else:
+                    raise ActivationError(
+                        f"{self.path}: holds {len(names)} tensors {sorted(names)} and none is named 'activations'"
+                    )
+                sl = f.get_slice(self._name)
+                self.shape = sl.get_shape()
+                st_dtype = sl.get_dtype()
+        except ActivationError:
+            raise
+        except Exception as e:  # bad header, truncated file, ...
+            raise ActivationError(f"{self.path}: cannot read as .safetensors ({e})") from e
+        if st_dtype not in _ST_DTYPES:
+            raise ActivationError(f"{self.path}: unsupported dtype {st_dtype} (expected one of {sorted(_ST_DTYPES)})")
+        self.dtype = _ST_DTYPES[st_dtype]
+
+    def read(self, local: np.ndarray) -> torch.Tensor:
+        """Rows ``local`` (sorted ascending) of this shard as an fp32 tensor."""
+        if self.path.suffix == ".npy":
+            # fp64 values beyond the fp32 range become inf here, and the batcher drops them as non-finite.
+            with np.errstate(over="ignore"):
+                return torch.from_numpy(np.asarray(self._array[local], dtype=np.float32))
+        # safetensors slices only take ranges: read the covering range, then pick rows from it.
+        lo, hi = int(local[0]), int(local[-1]) + 1
+        with safe_open(str(self.path), framework="pt") as f:
+            block = f.get_slice(self._name)[lo:hi]
+        return block[torch.from_numpy(local - lo)].to(torch.float32)
+
+
+class ActivationStore:
+    """A read-only [num_rows, d_in] matrix spread over one or more shards."""
+
+    def __init__(self, shards: list[_Shard]):
+        self.shards = shards
+        self.d_in = shards[0].d_in
+        self.dtype = shards[0].dtype
+        # offsets[i] is the first global row of shard i; offsets[-1] is the total.
+        self.offsets = np.cumsum([0] + [s.num_rows for s in shards]).astype(np.int64)
+        self.num_rows = int(self.offsets[-1])
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __repr__(self) -> str:
+        return f"ActivationStore(num_rows={self.num_rows}, d_in={self.d_in}, dtype={self.dtype}, shards={len(self.shards)})"
+
+    def rows(self, indices) -> torch.Tensor:
+        """Rows at global ``indices`` as a float32 [len(indices), d_in] CPU tensor, in the given order."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        out = torch.empty((idx.size, self.d_in), dtype=torch.float32)
+        if idx.size == 0:
+            return out
+        if idx.min() < 0 or idx.max() >= self.num_rows:
+            raise ActivationError(f"row index out of range [0, {self.num_rows}): min {idx.min()}, max {idx.max()}")
+        # Read in ascending order (sequential disk access on the mmap), scatter back to the caller's order.
+        order = np.argsort(idx, kind="stable")
+        sorted_idx = idx[order]
+        shard_of = np.searchsorted(self.offsets, sorted_idx, side="right") - 1
+        bounds = np.searchsorted(shard_of, np.arange(len(self.shards) + 1), side="left")
+        for s, shard in enumerate(self.shards):
+            a, b = bounds[s], bounds[s + 1]
+            if a == b:
+                continue
+            out[torch.from_numpy(order[a:b])] = shard.read(sorted_idx[a:b] - self.offsets[s])
+        return out
+
+
+def open_activations(path, expected_d_in: int | None = None) -> ActivationStore:
+    """Open a ``.npy`` / ``.safetensors`` file or a folder of them (shards in name order)."""
+    path = Path(path)
+    if not path.exists():
+        raise ActivationError(f"{path}: no such file or folder")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in SUFFIXES)
+        if not files:
+            raise ActivationError(f"{path}: folder holds no .npy or .safetensors files")
+    else:
+        files = [path]
+    shards = [_Shard(p) for p in files]
+    first = shards[0]
+    for s in shards[1:]:
+        if s.d_in != first.d_in:
+            raise ActivationError(f"{s.path}: d_in {s.d_in} does not match {first.path.name} (d_in {first.d_in})")
+        if s.dtype != first.dtype:
+            raise ActivationError(f"{s.path}: dtype {s.dtype} does not match {first.path.name} (dtype {first.dtype})")
+    if expected_d_in is not None and first.d_in != expected_d_in:
+        raise ActivationError(f"{path}: d_in is {first.d_in} but the SAE expects {expected_d_in}")
+    return ActivationStore(shards)
+
+
+def split_holdout(store_or_num_rows, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split row indices at random into (train, eval), both sorted; eval holds ``fraction`` of them."""
+    n = store_or_num_rows if isinstance(store_or_num_rows, (int, np.integer)) else store_or_num_rows.num_rows
+    if not 0.0 < fraction < 1.0:
+        raise ActivationError(f"holdout fraction must be in (0, 1), got {fraction}")
+    n_eval = int(round(n * fraction))
+    if n_eval == 0 or n_eval == n:
+        raise ActivationError(f"holdout fraction {fraction} of {n} rows leaves an empty train or eval split")
+    perm = np.random.Generator(np.random.PCG64(seed)).permutation(n)
+    return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
+
+
+class ShuffledBatches:
+    """Endless [batch_size, d_in] fp32 batches on ``device``, reshuffled every epoch, exactly resumable.
+
+    Epoch e visits ``indices`` in the order of PCG64(seed + e), so the stream is a pure function of
+    (seed, epoch, position): that is all ``state_dict`` needs to save. Rows with NaN/Inf are skipped
+    and the batch refilled from the next rows; ``dropped_rows`` counts every skip (a bad row is
+    counted again each epoch it is met).
+    """
+
+    def __init__(self, store: ActivationStore, batch_size: int, seed: int = 0, device="cpu", indices=None):
+        if batch_size <= 0:
+            raise ActivationError(f"batch_size must be positive, got {batch_size}")
+        self.store = store
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        idx = np.arange(store.num_rows, dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
+        if idx.ndim != 1 or idx.size == 0:
+            raise ActivationError("indices must be a non-empty 1-D array of row numbers")
+        if idx.min() < 0 or idx.max() >= store.num_rows:
+            raise ActivationError(f"indices out of range [0, {store.num_rows})")
+        self.indices = idx
+        self.epoch = 0
+        self.position = 0
+        self.dropped_rows = 0
+        self._perm_epoch = None  # epoch whose permutation is cached in self._perm
+
+    def _permutation(self) -> np.ndarray:
+        if self._perm_epoch != self.epoch:
+            rng = np.random.Generator(np.random.PCG64(self.seed + self.epoch))
+            self._perm = self.indices[rng.permutation(self.indices.size)]
+            self._perm_epoch = self.epoch
+        return self._perm
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        parts, have = [], 0
+        # 2·n consecutive positions always contain one whole epoch: if none of them was finite, none is.
+        scanned_without_finite, limit = 0, 2 * self.indices.size
+        while have < self.batch_size:
+            perm = self._permutation()
+            take = perm[self.position : self.position + (self.batch_size - have)]
+            x = self.store.rows(take)
+            finite = torch.isfinite(x).all(dim=1)
+            kept = int(finite.sum())
+            self.dropped_rows += take.size - kept
+            scanned_without_finite = 0 if kept else scanned_without_finite + take.size
+            if scanned_without_finite >= limit:
+                raise ActivationError(f"no finite rows among the {self.indices.size} rows to train on (all NaN/Inf)")
+            if kept:
+                parts.append(x if kept == take.size else x[finite])
+                have += kept
+            self.position += take.size
+            if self.position >= perm.size:
+                self.epoch, self.position = self.epoch + 1, 0
+        return torch.cat(parts).to(self.device)
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "dropped_rows": self.dropped_rows,
+            "seed": self.seed,
+            "num_indices": int(self.indices.size),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        # Refuse a state from another stream: it would silently replay different data.
+        if state["seed"] != self.seed or state["num_indices"] != self.indices.size:
+            raise ActivationError(
+                f"state is for seed {state['seed']} over {state['num_indices']} rows, "
+                f"this iterator has seed {self.seed} over {self.indices.size} rows"
+            )
+        if not 0 <= state["position"] < self.indices.size:
+            raise ActivationError(f"state position {state['position']} outside [0, {self.indices.size})")
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self.dropped_rows = int(state["dropped_rows"])
+
+
+def estimate_scale(source, num_rows: int = 65536, seed: int = 0) -> float:
+    """The scalar c with mean ‖c·x‖² = 1 over a random sample of finite rows: c = 1/sqrt(mean ‖x‖²).
+
+    ``source`` is an ActivationStore or a ShuffledBatches (its store and index subset are used;
+    the iterator is not advanced, so estimating does not change what training sees).
+    """
+    if isinstance(source, ShuffledBatches):
+        store, pool = source.store, source.indices
+    else:
+        store, pool = source, np.arange(source.num_rows, dtype=np.int64)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    sample = pool if num_rows >= pool.size else rng.choice(pool, size=num_rows, replace=False)
+    x = store.rows(sample).double()
+    x = x[torch.isfinite(x).all(dim=1)]
+    if x.shape[0] == 0:
+        raise ActivationError("cannot estimate the input scale: every sampled row is NaN/Inf")
+    mean_sq = float((x * x).sum(dim=1).mean())
+    if not mean_sq > 0.0 or not np.isfinite(mean_sq):
+        raise ActivationError(f"cannot estimate the input scale: mean ‖x‖² over the sample is {mean_sq}")
+    return 1.0 / float(np.sqrt(mean_sq))
