@@ -36,7 +36,7 @@ bench: build
 $(VENV)/.installed: pyproject.toml
 	$(SYSTEM_PYTHON) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q torch numpy safetensors pyyaml pytest expecttest ninja setuptools wheel
+	$(PYTHON) -m pip install -q torch numpy safetensors pyyaml matplotlib tqdm pytest expecttest ninja setuptools wheel
 	touch $@
 
 $(EXTENSION): $(VENV)/.installed $(KERNEL_SOURCES)
