@@ -1,0 +1,312 @@
+"""Training configuration for the JumpReLU SAE trainer.
+
+One dataclass, ``TrainConfig``, is the single source of truth: every field becomes a command-line
+flag (``--`` + field name with ``_`` replaced by ``-``) whose ``--help`` text is the field's
+``metadata["help"]`` string followed by its default. ``parse_args`` also accepts ``--config FILE``
+(JSON or YAML, chosen by extension): the file's values become the defaults and explicit flags
+override them. ``TrainConfig.validate`` checks values and raises ``ConfigError`` with a one-line
+message that names the offending flag. ``to_dict``/``from_dict`` serialise a config for
+checkpoints.
+
+Defaults follow the paper's recipe (Rajamanoharan et al. 2024; Gemma Scope): lr 7e-5 with a
+1,000-step linear warm-up, λ warmed up over 10,000 steps, batch 4,096, bandwidth ε = 1e-3 and
+θ initialised to 1e-3, θ trained in log space. Those recipes rely on very long runs (θ moves by at
+most a factor of about e^(lr·steps)); short runs should raise ``--init-threshold``, set
+``--threshold-lr`` or use ``--threshold-param raw``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+__all__ = ["CHOICES", "ConfigError", "TrainConfig", "build_parser", "load_config_file", "parse_args"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line and names the flag."""
+
+
+# Fields with a closed set of values; argparse shows these as choices.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "lr_decay": ("none", "cosine"),
+    "threshold_param": ("log", "raw"),
+    "sparsity_loss": ("step", "tanh"),
+    "dtype": ("float32", "bfloat16"),
+}
+
+# ``device`` is open-ended (cuda:1, ...), so it is checked with a pattern instead of choices.
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything the trainer needs; each field is a CLI flag."""
+
+    # --- data source: exactly one of --activations or --model ---
+    activations: str | None = _f(
+        None, "precomputed activations: a .npy/.safetensors file or a folder of shards (excludes --model)"
+    )
+    model: str | None = _f(
+        None, "Hugging Face model name or local path to harvest activations from (needs --layer and --dataset)"
+    )
+    layer: int | None = _f(None, "index of the model layer whose residual-stream output is the SAE input")
+    dataset: str | None = _f(
+        None, "text for --model: a local .txt/.jsonl file or a Hugging Face datasets name"
+    )
+    context_length: int = _f(128, "tokens per sequence when harvesting activations from --model")
+
+    # --- SAE shape ---
+    d_sae: int | None = _f(None, "number of SAE features; when unset, d_model * --expansion-factor")
+    expansion_factor: int = _f(8, "features per input dimension, used when --d-sae is unset")
+
+    # --- optimisation ---
+    steps: int = _f(100_000, "number of training steps (batches)")
+    batch_size: int = _f(4096, "activations (tokens) per training batch")
+    lr: float = _f(7e-5, "Adam learning rate (beta1=0, beta2=0.999, eps=1e-8)")
+    lr_warmup_steps: int = _f(1000, "steps of linear learning-rate warm-up from ~0 to --lr")
+    lr_decay: str = _f("none", "learning-rate schedule after warm-up: constant or cosine to 0 at --steps")
+    l0_coefficient: float = _f(1.0, "sparsity coefficient lambda on the L0 (or tanh) penalty")
+    sparsity_warmup_steps: int = _f(10_000, "steps over which lambda rises linearly from 0 to --l0-coefficient")
+
+    # --- JumpReLU threshold ---
+    bandwidth: float = _f(1e-3, "STE kernel bandwidth epsilon (for inputs scaled to E||x||^2 = 1)")
+    init_threshold: float = _f(1e-3, "initial threshold theta for every feature (for inputs scaled to E||x||^2 = 1)")
+    threshold_param: str = _f("log", "how theta is trained: log (theta = exp(log_theta), the paper) or raw")
+    threshold_lr: float | None = _f(None, "separate learning rate for the threshold parameter; unset = --lr")
+    sparsity_loss: str = _f("step", "sparsity penalty: step (L0, the paper) or tanh (smooth, with pre-act loss)")
+    pre_act_loss_coefficient: float = _f(0.0, "coefficient of the pre-activation loss (tanh variant)")
+
+    # --- runtime ---
+    device: str = _f("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:N or mps")
+    dtype: str = _f("float32", "compute dtype; bfloat16 uses autocast on CUDA (theta stays float32)")
+    seed: int = _f(0, "random seed for initialisation, data order and the evaluation split")
+
+    # --- output ---
+    out: str = _f("runs/latest", "output folder for checkpoints, logs and the final SAE")
+    checkpoint_every: int = _f(1000, "save a resumable checkpoint every N steps (0 = only at the end)")
+    resume: bool = _f(False, "resume from the latest checkpoint in --out")
+    eval_fraction: float = _f(0.05, "fraction of activations held out for evaluation, in (0, 1)")
+    log_every: int = _f(100, "log training metrics every N steps")
+    tensorboard: bool = _f(False, "write TensorBoard logs under --out")
+    wandb: str | None = _f(None, "Weights & Biases project name to log to; unset = no wandb")
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def flag(name: str) -> str:
+        """The CLI flag of a field name: ``l0_coefficient`` -> ``--l0-coefficient``."""
+        return "--" + name.replace("_", "-")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain JSON-serialisable dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        """Build a config from a dict (keys may use ``_`` or ``-``); unknown keys are an error."""
+        return cls(**_coerce_mapping(data, source="config"))
+
+    def validate(self) -> "TrainConfig":
+        """Check every value; raise ``ConfigError`` naming the flag. Returns self."""
+        fl = self.flag
+
+        for name in ("steps", "batch_size", "expansion_factor", "context_length", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{fl(name)} must be a positive integer, got {getattr(self, name)}")
+        if self.d_sae is not None and self.d_sae <= 0:
+            raise ConfigError(f"--d-sae must be a positive integer, got {self.d_sae}")
+        for name in ("lr_warmup_steps", "sparsity_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{fl(name)} must be >= 0, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every must be >= 0 (0 = only at the end), got {self.checkpoint_every}")
+
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        if self.threshold_lr is not None and not (math.isfinite(self.threshold_lr) and self.threshold_lr > 0):
+            raise ConfigError(f"--threshold-lr must be a positive number (or unset), got {self.threshold_lr}")
+        if not (math.isfinite(self.l0_coefficient) and self.l0_coefficient >= 0):
+            raise ConfigError(f"--l0-coefficient must be >= 0, got {self.l0_coefficient}")
+        if not (math.isfinite(self.pre_act_loss_coefficient) and self.pre_act_loss_coefficient >= 0):
+            raise ConfigError(f"--pre-act-loss-coefficient must be >= 0, got {self.pre_act_loss_coefficient}")
+        for name in ("bandwidth", "init_threshold"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{fl(name)} must be a positive number, got {v}")
+        if not (0.0 < self.eval_fraction < 1.0):
+            raise ConfigError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
+
+        for name, allowed in CHOICES.items():
+            v = getattr(self, name)
+            if v not in allowed:
+                raise ConfigError(f"{fl(name)} must be one of {', '.join(allowed)}; got {v!r}")
+        if not _DEVICE_RE.match(self.device):
+            raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
+
+        if self.activations is not None and self.model is not None:
+            raise ConfigError("--activations and --model are mutually exclusive: give exactly one data source")
+        if self.activations is None and self.model is None:
+            raise ConfigError("no data source: give exactly one of --activations or --model")
+        if self.model is not None:
+            if self.dataset is None:
+                raise ConfigError("--dataset is required with --model")
+            if self.layer is None:
+                raise ConfigError("--layer is required with --model")
+        return self
+
+
+# ---------------------------------------------------------------------------- field introspection
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _field_type(name: str) -> tuple[type, bool]:
+    """(base type, optional) for a field, from its (string) annotation."""
+    ann = str(_FIELDS[name].type).replace(" ", "")
+    optional = ann.endswith("|None")
+    base = ann[: -len("|None")] if optional else ann
+    return {"str": str, "int": int, "float": float, "bool": bool}[base], optional
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Convert a value from a config file (JSON/YAML types) to the field's type, or raise."""
+    base, optional = _field_type(name)
+    key = f"{source}: {name} ({TrainConfig.flag(name)})"
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} cannot be null")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+        elif base is int:
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, int):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, str):
+                return int(value)
+        elif base is float:
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, str):  # YAML 1.1 reads "7e-5" as a string
+                return float(value)
+        elif base is str:
+            if isinstance(value, str):
+                return value
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{key} expects {base.__name__}, got {value!r}")
+
+
+def _coerce_mapping(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of option names to values, got {type(data).__name__}")
+    out: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in _FIELDS:
+            raise ConfigError(f"{source}: unknown key {raw_key!r} (not a TrainConfig option)")
+        out[key] = _coerce(key, value, source)
+    return out
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a JSON (.json) or YAML (.yaml/.yml) config file into checked, typed field values."""
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path}: {e.strerror or e}") from e
+    try:
+        if ext == ".json":
+            data = json.loads(text) if text.strip() else {}
+        elif ext in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"--config: unsupported file type {ext or '(none)'!r} for {path}; use .json, .yaml or .yml")
+    except ConfigError:
+        raise
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"--config: cannot parse {path}: {msg}") from e
+    return _coerce_mapping(data, source=path)
+
+
+# ---------------------------------------------------------------------------- argparse
+
+def _help_text(name: str) -> str:
+    return _FIELDS[name].metadata["help"].replace("%", "%%") + " (default: %(default)s)"
+
+
+def build_parser(defaults: Mapping[str, Any] | None = None) -> argparse.ArgumentParser:
+    """An ArgumentParser with one option per TrainConfig field plus ``--config``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m jumprelu_ext.train",
+        description="Train a JumpReLU sparse autoencoder (Rajamanoharan et al. 2024).",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="JSON or YAML file of option values (keys are field names, e.g. l0_coefficient); "
+        "explicit flags override it (default: %(default)s)",
+    )
+    for name, f in _FIELDS.items():
+        base, optional = _field_type(name)
+        flag = TrainConfig.flag(name)
+        kwargs: dict[str, Any] = {"dest": name, "default": f.default}
+        if base is bool:
+            action = parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            # Some Python versions append the default themselves; set it once, here.
+            action.help = _help_text(name)
+            continue
+        kwargs["type"] = base
+        kwargs["help"] = _help_text(name)
+        if name in CHOICES:
+            kwargs["choices"] = CHOICES[name]
+        else:
+            kwargs["metavar"] = {int: "N", float: "X", str: "STR"}[base]
+        parser.add_argument(flag, **kwargs)
+    if defaults:
+        parser.set_defaults(**defaults)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None, *, validate: bool = True) -> TrainConfig:
+    """Parse command-line arguments (``sys.argv[1:]`` when None) into a TrainConfig.
+
+    ``--config FILE`` values are the base; flags given explicitly override them. With
+    ``validate=True`` (the default) the result is checked and ``ConfigError`` raised on bad values.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    file_values = load_config_file(known.config) if known.config else {}
+    ns = build_parser(file_values).parse_args(argv)
+    values = {name: getattr(ns, name) for name in _FIELDS}
+    cfg = TrainConfig(**values)
+    return cfg.validate() if validate else cfg
+
