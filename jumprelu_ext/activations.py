@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from .errors import UserError
+
 __all__ = [
     "ActivationError",
     "ActivationStore",
@@ -30,7 +32,7 @@ _ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "fl
 _NP_DTYPES = ("float16", "float32", "float64")
 
 
-class ActivationError(ValueError):
+class ActivationError(UserError):
     """Activations that cannot be used, with the file and the problem in the message."""
 
 

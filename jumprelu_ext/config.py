@@ -26,10 +26,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from .errors import UserError
+
 __all__ = ["CHOICES", "ConfigError", "TrainConfig", "build_parser", "load_config_file", "parse_args"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad configuration value; the message is one line and names the flag."""
 
 

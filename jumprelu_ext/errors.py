@@ -1,0 +1,26 @@
+"""User-facing errors and the command-line wrapper that turns them into one-line messages.
+
+Every mistake a user can make (a bad flag, a missing or malformed file, an unknown model or
+layer, NaN-only data) raises a ``UserError`` subclass whose message names the problem. The
+CLIs (``python -m jumprelu_ext.train``, ``python -m jumprelu_ext.cache``) run through
+``run_cli``: a ``UserError`` becomes ``error: <message>`` on stderr and exit status 2, with no
+traceback; anything else is a bug and keeps its traceback.
+"""
+
+import sys
+
+__all__ = ["UserError", "run_cli"]
+
+
+class UserError(ValueError):
+    """A problem with the user's input; the message is one line and names it."""
+
+
+def run_cli(main, argv=None) -> int:
+    """Call ``main(argv)``; map ``UserError`` (and missing files) to a one-line error, exit 2."""
+    try:
+        main(argv)
+    except (UserError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
