@@ -48,8 +48,7 @@ def make_step(sae: JumpReLUSAE, x: torch.Tensor, precision: str):
     def step():
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            total, _, _ = sae.loss(x, L0_COEFFICIENT)
-        total.backward()
+            sae.loss(x, L0_COEFFICIENT).total.backward()
         sae.remove_parallel_decoder_grad()
         optimizer.step()
         sae.normalize_decoder()

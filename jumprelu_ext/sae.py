@@ -10,10 +10,22 @@ from torch import nn
 from .ops import jumprelu_l0
 
 
+SPARSITY_LOSSES = ("step", "tanh")
+
+
 class SAEOutput(NamedTuple):
     reconstruction: torch.Tensor
     acts: torch.Tensor
     l0: torch.Tensor
+
+
+class SAELoss(NamedTuple):
+    total: torch.Tensor
+    mse: torch.Tensor
+    l0: torch.Tensor  # mean active features per row (what is logged, whatever the penalty)
+    sparsity: torch.Tensor  # the penalty λ multiplies
+    pre_act: torch.Tensor
+    output: SAEOutput
 
 
 def _check_positive_int(name, value):
@@ -79,13 +91,16 @@ class JumpReLUSAE(nn.Module):
 
     def encode(self, x: torch.Tensor):
         """x [..., d_in] -> (acts [..., d_sae], l0 [...])."""
+        return jumprelu_l0(self.pre_acts(x), self.threshold, self.bandwidth)
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W_enc + b_enc, after checking the input's width."""
         if x.dim() < 1 or x.shape[-1] != self.d_in:
             got = x.shape[-1] if x.dim() >= 1 else "a 0-d tensor"
-            raise ValueError(f"JumpReLUSAE.encode: expected input with last dimension d_in={self.d_in}, got {got}")
+            raise ValueError(f"JumpReLUSAE: expected input with last dimension d_in={self.d_in}, got {got}")
         # F.linear (not `x @ W + b`) so autocast runs the whole affine map in its low-precision
         # dtype; an fp32 bias added afterwards would promote pre back to fp32.
-        pre = F.linear(x, self.W_enc.t(), self.b_enc)
-        return jumprelu_l0(pre, self.threshold, self.bandwidth)
+        return F.linear(x, self.W_enc.t(), self.b_enc)
 
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
         return F.linear(acts, self.W_dec.t(), self.b_dec)
@@ -94,16 +109,41 @@ class JumpReLUSAE(nn.Module):
         acts, l0 = self.encode(x)
         return SAEOutput(self.decode(acts), acts, l0)
 
-    def loss(self, x: torch.Tensor, l0_coefficient: float):
-        """(total, mse, l0_mean): mse = mean over rows of ‖x − x̂‖², total = mse + λ·mean(L0).
+    def loss(
+        self,
+        x: torch.Tensor,
+        l0_coefficient: float,
+        sparsity_loss: str = "step",
+        tanh_scale: float = 4.0,
+        pre_act_loss_coefficient: float = 0.0,
+    ) -> "SAELoss":
+        """total = mse + λ·sparsity (+ pre-act term); every term a mean over rows, reduced in fp32.
 
-        Reduced in fp32 so bf16 autocast outputs do not lose the loss's small differences.
-        The L0 term reaches θ only through the op's straight-through estimator.
+        mse is ‖x − x̂‖² summed over d_in. sparsity is the L0 (``"step"``, the paper: reaches θ
+        only through the op's straight-through estimator) or Anthropic's 2025 smooth penalty
+        Σ_i tanh(c·f_i·‖W_dec,i‖) (``"tanh"``). The pre-activation term
+        Σ_i ReLU(θ_i − pre_i)·‖W_dec,i‖ pulls features that never fire back toward their
+        threshold; it is only computed when its coefficient is non-zero.
         """
-        out = self(x)
+        if sparsity_loss not in SPARSITY_LOSSES:
+            raise ValueError(f"JumpReLUSAE.loss: sparsity_loss must be one of {SPARSITY_LOSSES}, got {sparsity_loss!r}")
+        pre = self.pre_acts(x)
+        acts, l0 = jumprelu_l0(pre, self.threshold, self.bandwidth)
+        out = SAEOutput(self.decode(acts), acts, l0)
         mse = (x.float() - out.reconstruction.float()).pow(2).sum(-1).mean()
-        l0_mean = out.l0.float().mean()
-        return mse + l0_coefficient * l0_mean, mse, l0_mean
+        l0_mean = l0.float().mean()
+        if sparsity_loss == "step":
+            sparsity = l0_mean
+        else:
+            dec_norms = self.W_dec.float().norm(dim=1)
+            sparsity = torch.tanh(tanh_scale * acts.float().abs() * dec_norms).sum(-1).mean()
+        total = mse + l0_coefficient * sparsity
+        pre_act = torch.zeros((), device=mse.device)
+        if pre_act_loss_coefficient:
+            dec_norms = self.W_dec.float().norm(dim=1)
+            pre_act = (F.relu(self.threshold.detach() - pre.float()) * dec_norms).sum(-1).mean()
+            total = total + pre_act_loss_coefficient * pre_act
+        return SAELoss(total, mse, l0_mean, sparsity, pre_act, out)
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self):

@@ -71,7 +71,7 @@ def test_loss_matches_manual():
     sae = make_sae(init_threshold=0.1)
     randomize(sae)
     x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(3))
-    total, mse, l0_mean = sae.loss(x, l0_coefficient=0.05)
+    total, mse, l0_mean = sae.loss(x, l0_coefficient=0.05)[:3]
     recon, _, l0 = manual_forward(sae, x)
     mse_ref = ((x - recon) ** 2).sum(-1).mean()
     torch.testing.assert_close(mse, mse_ref)
@@ -92,7 +92,7 @@ def test_gradients_reach_threshold_and_weights(param):
     grads = {}
     for lam in (0.0, 1.0):
         sae.zero_grad(set_to_none=True)
-        sae.loss(x, lam)[0].backward()
+        sae.loss(x, lam).total.backward()
         grads[lam] = theta_param.grad.clone()
         for name, p in sae.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -108,7 +108,7 @@ def test_decoder_norm_projection_and_renormalisation():
     randomize(sae)
     sae.normalize_decoder()
     x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(5))
-    sae.loss(x, 0.01)[0].backward()
+    sae.loss(x, 0.01).total.backward()
     rows = sae.W_dec.detach()
     assert (sae.W_dec.grad * rows).sum(1).abs().max() > 1e-3  # a parallel component to remove
     sae.remove_parallel_decoder_grad()
@@ -129,7 +129,7 @@ def test_bf16_autocast_keeps_threshold_fp32(param):
         out = sae(x)
         assert out.acts.dtype == torch.bfloat16  # pre was bf16 ...
         assert sae.threshold.dtype == torch.float32  # ... while θ stayed fp32
-        total, mse, l0_mean = sae.loss(x, 0.1)
+        total = sae.loss(x, 0.1).total
     assert total.dtype == torch.float32 and torch.isfinite(total)
     total.backward()
     theta_param = sae.log_threshold if param == "log" else sae.get_parameter("threshold")
@@ -162,3 +162,37 @@ def test_bad_input_dim_raises():
 def test_bad_constructor_args_raise(kwargs):
     with pytest.raises(ValueError):
         JumpReLUSAE(**kwargs)
+
+
+def test_tanh_and_pre_act_losses_match_manual():
+    sae = make_sae(init_threshold=0.1)
+    randomize(sae)
+    x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(7))
+    out = sae.loss(x, l0_coefficient=0.05, sparsity_loss="tanh", tanh_scale=4.0, pre_act_loss_coefficient=0.3)
+    recon, acts, l0 = manual_forward(sae, x)
+    pre = x @ sae.W_enc + sae.b_enc
+    norms = sae.W_dec.norm(dim=1)
+    tanh_ref = torch.tanh(4.0 * acts.abs() * norms).sum(-1).mean()
+    pre_act_ref = (torch.relu(sae.threshold - pre) * norms).sum(-1).mean()
+    mse_ref = ((x - recon) ** 2).sum(-1).mean()
+    torch.testing.assert_close(out.sparsity, tanh_ref)
+    torch.testing.assert_close(out.pre_act, pre_act_ref)
+    torch.testing.assert_close(out.l0, l0.mean())
+    torch.testing.assert_close(out.total, mse_ref + 0.05 * tanh_ref + 0.3 * pre_act_ref)
+
+
+def test_pre_act_loss_revives_a_feature_that_never_fires():
+    sae = make_sae(init_threshold=0.1)
+    with torch.no_grad():
+        sae.b_enc[0] = -100.0  # feature 0 never fires: the reconstruction gives it no gradient
+    x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(8))
+    sae.loss(x, 0.0).total.backward()
+    assert sae.b_enc.grad[0] == 0
+    sae.zero_grad(set_to_none=True)
+    sae.loss(x, 0.0, pre_act_loss_coefficient=1.0).total.backward()
+    assert sae.b_enc.grad[0] < 0  # descent raises b_enc[0] toward the threshold
+
+
+def test_unknown_sparsity_loss_is_rejected():
+    with pytest.raises(ValueError, match="sparsity_loss"):
+        make_sae().loss(torch.zeros(2, D_IN), 0.1, sparsity_loss="l1")
