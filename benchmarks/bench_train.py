@@ -2,8 +2,7 @@
 
 A step is forward, loss (MSE + λ·L0), backward, projecting the decoder gradient, Adam
 (β1 = 0, β2 = 0.999) and decoder renormalisation. `ours` is jumprelu_ext.JumpReLUSAE (fused
-jumprelu_l0 op); `eager` is the same module with SAELens-style encoding: `x @ W_enc + b_enc`,
-then the JumpReLU and Step autograd Functions of jumprelu_ext.baselines (two passes each way,
+jumprelu_l0 op); `eager` is the same module with SAELens-style activation: the JumpReLU and Step autograd Functions of jumprelu_ext.baselines (two passes each way,
 [batch, F] masks saved for backward). Same shapes, same data, same run; inputs already on
 the device. Reports ms per step, tokens/s, the speed-up and (CUDA) peak memory.
 
@@ -34,8 +33,7 @@ PLAN = harness.TimingPlan(warmup=3, min_reps=5, max_reps=50, budget_s=3.0)
 class EagerJumpReLUSAE(JumpReLUSAE):
     """The SAELens-style encoder on the same parameters (what the baseline computes)."""
 
-    def encode(self, x):
-        pre = x @ self.W_enc + self.b_enc
+    def activate(self, pre):
         return eager_jumprelu_l0(pre, self.threshold, self.bandwidth)
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "ActivationError",
     "ActivationStore",
     "ShuffledBatches",
+    "TensorStore",
     "estimate_scale",
     "open_activations",
     "split_holdout",
@@ -142,6 +143,25 @@ class ActivationStore:
                 continue
             out[torch.from_numpy(order[a:b])] = shard.read(sorted_idx[a:b] - self.offsets[s])
         return out
+
+
+class TensorStore:
+    """An in-memory [num_rows, d_in] matrix (e.g. activations just harvested from a model), on any
+    device, with the ``rows`` interface of ``ActivationStore`` so ``ShuffledBatches`` reads both."""
+
+    def __init__(self, tensor: torch.Tensor):
+        if tensor.dim() != 2 or tensor.shape[0] == 0 or tensor.shape[1] == 0:
+            raise ActivationError(f"expected a non-empty [rows, d_in] tensor, got shape {tuple(tensor.shape)}")
+        self.tensor = tensor.float()
+        self.num_rows, self.d_in = tensor.shape
+        self.dtype = "float32"
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def rows(self, indices) -> torch.Tensor:
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64).reshape(-1), device=self.tensor.device)
+        return self.tensor[idx]
 
 
 def open_activations(path, expected_d_in: int | None = None) -> ActivationStore:

@@ -91,7 +91,11 @@ class JumpReLUSAE(nn.Module):
 
     def encode(self, x: torch.Tensor):
         """x [..., d_in] -> (acts [..., d_sae], l0 [...])."""
-        return jumprelu_l0(self.pre_acts(x), self.threshold, self.bandwidth)
+        return self.activate(self.pre_acts(x))
+
+    def activate(self, pre: torch.Tensor):
+        """pre [..., d_sae] -> (JumpReLU acts, per-row L0), fused in one op."""
+        return jumprelu_l0(pre, self.threshold, self.bandwidth)
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W_enc + b_enc, after checking the input's width."""
@@ -128,7 +132,7 @@ class JumpReLUSAE(nn.Module):
         if sparsity_loss not in SPARSITY_LOSSES:
             raise ValueError(f"JumpReLUSAE.loss: sparsity_loss must be one of {SPARSITY_LOSSES}, got {sparsity_loss!r}")
         pre = self.pre_acts(x)
-        acts, l0 = jumprelu_l0(pre, self.threshold, self.bandwidth)
+        acts, l0 = self.activate(pre)
         out = SAEOutput(self.decode(acts), acts, l0)
         mse = (x.float() - out.reconstruction.float()).pow(2).sum(-1).mean()
         l0_mean = l0.float().mean()
