@@ -25,6 +25,7 @@ CHECKPOINT_FORMAT_VERSION = 1
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "atomic_write",
     "atomic_write_bytes",
     "capture_rng_state",
     "latest_checkpoint",
@@ -48,7 +49,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path, write_fn) -> Path:
+def atomic_write(path, write_fn) -> Path:
     """Call ``write_fn(fileobj)`` on a temp file next to ``path``, fsync it, then os.replace it
     onto ``path``. On any failure the temp file is removed and ``path`` is left untouched."""
     path = Path(path)
@@ -74,7 +75,7 @@ def _atomic_write(path, write_fn) -> Path:
 
 def atomic_write_bytes(path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temp file + fsync + os.replace)."""
-    return _atomic_write(path, lambda f: f.write(data))
+    return atomic_write(path, lambda f: f.write(data))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ def save_checkpoint(path, state: dict) -> Path:
         raise ValueError(f"save_checkpoint: state is missing required keys {missing}")
     payload = dict(state)
     payload.setdefault("format_version", CHECKPOINT_FORMAT_VERSION)
-    return _atomic_write(path, lambda f: torch.save(payload, f))
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path, map_location="cpu", weights_only: bool = True) -> dict:

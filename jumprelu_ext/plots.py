@@ -2,12 +2,11 @@
 
 matplotlib is imported lazily, inside the functions, and only its non-interactive Agg canvas
 is used (``Figure`` + ``FigureCanvasAgg``, not pyplot): no display is needed and the global
-pyplot backend/state is left untouched. Files are written atomically: the PNG goes to a
-temporary file in the destination folder and is then moved into place with ``os.replace``.
+pyplot backend/state is left untouched. Files are written atomically with
+``checkpoint.atomic_write`` (temporary file in the destination folder, then ``os.replace``).
 """
 
-import os
-import tempfile
+from .checkpoint import atomic_write
 
 __all__ = ["plot_density", "plot_curves"]
 
@@ -30,20 +29,8 @@ def _new_figure(figsize):
     return fig
 
 
-def _save_atomic(fig, path):
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+def _save_png(fig, path):
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def plot_density(firing_rates, path, bins=50):
@@ -62,7 +49,7 @@ def plot_density(firing_rates, path, bins=50):
     pct = 100.0 * hist.never_fired / n if n else 0.0
     ax.set_title(f"Feature density: {n} features, {hist.never_fired} never fired ({pct:.1f}%)")
     fig.tight_layout()
-    _save_atomic(fig, path)
+    _save_png(fig, path)
 
 
 def plot_curves(metrics_rows, path):
@@ -91,4 +78,4 @@ def plot_curves(metrics_rows, path):
         ax.set_title(title)
         ax.set_xlabel("step")
     fig.tight_layout()
-    _save_atomic(fig, path)
+    _save_png(fig, path)

@@ -31,7 +31,7 @@ def _train_state(tmp_seed=0):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
     for _ in range(2):
         x = torch.randn(32, 8)
-        loss, _, _ = sae.loss(x, 0.1)
+        loss = sae.loss(x, 0.1).total
         opt.zero_grad()
         loss.backward()
         sae.remove_parallel_decoder_grad()
@@ -129,7 +129,7 @@ def test_full_state_round_trip_and_rng_restore(tmp_path):
     assert sched2.get_last_lr() == sched.get_last_lr()
     x = torch.randn(32, 8)
     for model, o, s in ((sae, opt, sched), (sae2, opt2, sched2)):
-        loss, _, _ = model.loss(x, 0.1)
+        loss = model.loss(x, 0.1).total
         o.zero_grad()
         loss.backward()
         o.step()
