@@ -1,0 +1,159 @@
+"""The trainer end to end on activation files: outputs, resume after a signal or a kill, CLI errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jumprelu_ext import train
+from jumprelu_ext.activations import ShuffledBatches
+from jumprelu_ext.export import load_sae
+
+D_IN = 16
+
+
+def small_run_flags(activations, out, *extra):
+    return [
+        "--activations", str(activations), "--out", str(out), "--d-sae", "32", "--batch-size", "64",
+        "--steps", "12", "--lr", "1e-3", "--lr-warmup-steps", "2", "--sparsity-warmup-steps", "4",
+        "--threshold-lr", "1e-2", "--init-threshold", "0.05", "--bandwidth", "0.05", "--log-every", "2",
+        "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def activations(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1000, D_IN)).astype(np.float32) * 3.0 + 1.0
+    path = tmp_path / "acts.npy"
+    np.save(path, x)
+    return path
+
+
+def test_run_writes_the_sae_and_report(activations, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(small_run_flags(activations, out)) == 0
+    for name in ("cfg.json", "sae_weights.safetensors", "eval.json", "metrics.jsonl", "density.png", "curves.png"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "eval.json").read_text())
+    for key in ("l0", "fvu", "mse", "dead_fraction", "dense_fraction"):
+        assert np.isfinite(results[key]), key
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
+    assert rows[0]["l0_coefficient"] < rows[-1]["l0_coefficient"]  # λ warm-up
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and cfg["d_in"] == D_IN and cfg["d_sae"] == 32
+    assert set(load_file(out / "sae_weights.safetensors")) == {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"}
+
+    # The saved SAE takes raw activations: its metrics on raw x match eval.json's on scaled x.
+    sae = load_sae(out)
+    x = torch.from_numpy(np.load(activations))
+    out_raw = sae(x)
+    fired = (out_raw.acts != 0).float().sum(-1).mean().item()
+    assert 0 < fired < 32
+    scale = cfg["jumprelu_ext"]["input_scale"]
+    np.testing.assert_allclose(scale, 1 / np.sqrt((x.double() ** 2).sum(-1).mean().item()), rtol=0.05)
+
+
+def _signal_at_batch(monkeypatch, batch_number, action):
+    """Make the data stream run ``action`` when it hands out batch ``batch_number`` (1-based)."""
+    original = ShuffledBatches.__next__
+    count = {"n": 0}
+
+    def next_batch(self):
+        count["n"] += 1
+        if count["n"] == batch_number:
+            action()
+        return original(self)
+
+    monkeypatch.setattr(ShuffledBatches, "__next__", next_batch)
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing in the trainer catches it, nothing is saved."""
+
+
+def _kill():
+    raise Killed
+
+
+@pytest.mark.parametrize("how", ["sigterm", "kill"])
+def test_interrupted_run_resumes_to_the_same_weights(activations, tmp_path, monkeypatch, how):
+    reference_out, out = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    assert train.main(small_run_flags(activations, reference_out)) == 0
+
+    flags = small_run_flags(activations, out, "--checkpoint-every", "3")
+    with monkeypatch.context() as patch:
+        if how == "sigterm":  # a real signal through the trainer's handler: it finishes step 5, saves, exits
+            _signal_at_batch(patch, 5, lambda: os.kill(os.getpid(), signal.SIGTERM))
+            assert train.main(flags) == 128 + signal.SIGTERM
+            assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 5
+        else:  # killed during step 5: the last checkpoint is step 3's
+            _signal_at_batch(patch, 5, _kill)
+            with pytest.raises(Killed):
+                train.main(flags)
+            assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert train.main(flags + ["--resume"]) == 0
+
+    ours, reference = load_file(out / "sae_weights.safetensors"), load_file(reference_out / "sae_weights.safetensors")
+    for name in reference:
+        assert torch.equal(ours[name], reference[name]), name
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8, 10, 12]  # rows after the checkpoint were dropped and logged again
+
+
+def run_cli(*args, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "jumprelu_ext.train", *args], capture_output=True, text=True, env=env,
+                          timeout=120)  # fmt: skip
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]
+
+
+def test_cli_errors_are_one_line(tmp_path, activations):
+    nan_rows = np.full((50, D_IN), np.nan, dtype=np.float32)
+    np.save(tmp_path / "nan.npy", nan_rows)
+    (tmp_path / "empty.npy").write_bytes(b"")
+    out = str(tmp_path / "o")
+    cases = [
+        (["--activations", str(tmp_path / "missing.npy"), "--out", out], ["missing.npy", "no such file"]),
+        (["--activations", str(tmp_path / "empty.npy"), "--out", out], ["empty.npy", "empty"]),
+        (["--activations", str(tmp_path / "nan.npy"), "--out", out, "--batch-size", "8"], ["NaN"]),
+        (["--activations", str(activations), "--out", out, "--lr", "-1"], ["--lr"]),
+        (["--activations", str(activations), "--out", out, "--device", "cuda:7"], ["--device"]),
+        (["--activations", str(activations), "--model", "gpt2", "--out", out], ["--activations", "--model"]),
+        (["--config", str(tmp_path / "nope.yaml")], ["nope.yaml"]),
+    ]
+    for args, fragments in cases:
+        assert_one_line_error(run_cli(*args), *fragments)
+
+
+def test_resume_refuses_a_different_run(activations, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(small_run_flags(activations, out, "--steps", "2")) == 0
+    result = run_cli(*small_run_flags(activations, out, "--resume", "--d-sae", "48"))
+    assert_one_line_error(result, "--resume", "--d-sae")
+
+
+def test_help_lists_the_contract_flags():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in ("--activations", "--model", "--layer", "--dataset", "--context-length", "--d-sae",
+                 "--expansion-factor", "--steps", "--batch-size", "--lr", "--lr-warmup-steps", "--l0-coefficient",
+                 "--sparsity-warmup-steps", "--bandwidth", "--init-threshold", "--device", "--dtype", "--seed",
+                 "--out", "--checkpoint-every", "--resume", "--threshold-lr", "--threshold-param",
+                 "--sparsity-loss", "--pre-act-loss-coefficient", "--config"):  # fmt: skip
+        assert flag in result.stdout, flag
