@@ -28,7 +28,7 @@ def test_sae_recovers_ground_truth_features(tmp_path):
     np.save(tmp_path / "x.npy", x)
     flags = [
         "--activations", str(tmp_path / "x.npy"), "--out", str(tmp_path / "run"), "--device", "cpu",
-        "--d-sae", "96", "--batch-size", "256", "--steps", "1000", "--lr", "3e-3", "--lr-warmup-steps", "50",
+        "--d-sae", "96", "--batch-size", "256", "--steps", "1500", "--lr", "3e-3", "--lr-warmup-steps", "50",
         "--l0-coefficient", "3e-2", "--sparsity-warmup-steps", "300", "--threshold-lr", "1e-2",
         "--init-threshold", "0.1", "--bandwidth", "0.05", "--log-every", "250",
     ]  # fmt: skip
