@@ -23,10 +23,14 @@ endif
 EXTENSION := jumprelu_ext/_C.abi3.so
 KERNEL_SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
 
-.PHONY: test build bench clean
+.PHONY: test train build bench clean
 
 test: build
 	$(PYTHON) -m pytest -q
+
+# The embedded default run (offline: a model and text shipped in packages); add flags with ARGS="...".
+train: build
+	$(PYTHON) -m jumprelu_ext.train $(ARGS)
 
 build: $(EXTENSION)
 

@@ -53,14 +53,13 @@ def _from_files(cfg, device) -> TrainingData:
 
 def _from_model(cfg, device) -> TrainingData:
     from .harvest import harvest, load_model, tokenize
-    from .text import load_texts
+    from .text import iter_texts
 
     model = load_model(cfg.model, cfg.layer, device=device)
-    texts = load_texts(cfg.dataset)
-    tokens = tokenize(model.tokenizer, texts, cfg.context_length, model.is_causal_lm)
+    tokens = tokenize(model.tokenizer, iter_texts(cfg.dataset), cfg.context_length, model.is_causal_lm, cfg.max_tokens)
     # Hold out whole sequences, so no evaluated token has trained neighbours in its context.
     train_seq, eval_seq = split_holdout(tokens.input_ids.shape[0], cfg.eval_fraction, cfg.seed)
-    train_store = TensorStore(harvest(model, tokens.select(train_seq), max_tokens=cfg.max_tokens, progress=True))
+    train_store = TensorStore(harvest(model, tokens.select(train_seq), progress=True))
     eval_tokens = tokens.select(eval_seq)
     eval_store = TensorStore(harvest(model, eval_tokens))
     train = ShuffledBatches(train_store, cfg.batch_size, seed=cfg.seed, device=device)

@@ -98,7 +98,7 @@ def downstream_eval(loaded: LoadedModel, reconstruct, tokens: TokenBatch, max_se
     """
     if max_sequences <= 0:
         raise HarvestError(f"max_sequences must be positive, got {max_sequences}")
-    tokens = tokens.first(max_sequences)
+    tokens = tokens.select(slice(0, max_sequences))
     if tokens.num_tokens == 0:
         raise HarvestError("no text tokens to evaluate on")
     evaluate = _causal_lm_eval if loaded.is_causal_lm else _encoder_eval

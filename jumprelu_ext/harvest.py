@@ -63,6 +63,7 @@ class LoadedModel:
     d_model: int
     name: str
     max_positions: int | None
+    hook_name: str  # module path of the hooked block, e.g. "encoder.layer.3"
 
     @property
     def device(self) -> torch.device:
@@ -84,8 +85,11 @@ class TokenBatch:
     def num_tokens(self) -> int:
         return int(self.keep.sum())
 
-    def first(self, n: int) -> "TokenBatch":
-        return TokenBatch(self.input_ids[:n], self.attention_mask[:n], self.keep[:n])
+    def select(self, sequences) -> "TokenBatch":
+        """The windows at ``sequences`` (a slice, or an array of indices)."""
+        if not isinstance(sequences, slice):
+            sequences = torch.as_tensor(sequences, dtype=torch.long)
+        return TokenBatch(self.input_ids[sequences], self.attention_mask[sequences], self.keep[sequences])
 
 
 def _first_line(e: BaseException) -> str:
@@ -125,12 +129,12 @@ def _num_layers(config, name: str) -> int:
     raise HarvestError(f"model {name}: its config does not say how many layers it has")
 
 
-def _find_blocks(model: nn.Module, num_layers: int, name: str) -> nn.ModuleList:
+def _find_blocks(model: nn.Module, num_layers: int, name: str) -> tuple[str, nn.ModuleList]:
     # The outermost ModuleList of num_layers same-type modules: GPT-2 transformer.h, BERT
-    # encoder.layer, Llama model.layers, ... (modules() visits outer modules first).
-    for module in model.modules():
+    # encoder.layer, Llama model.layers, ... (named_modules() visits outer modules first).
+    for path, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == num_layers and len({type(m) for m in module}) == 1:
-            return module
+            return path, module
     raise HarvestError(f"model {name}: found no list of {num_layers} transformer blocks to hook")
 
 
@@ -172,15 +176,17 @@ def load_model(name_or_path: str, layer: int, device="cpu") -> LoadedModel:
     tokenizer = _from_pretrained(AutoTokenizer, source, name_or_path, local_only)
     model.config.use_cache = False  # no KV cache: every forward here is a single full pass
     model.to(device).eval().requires_grad_(False)
+    blocks_path, blocks = _find_blocks(model, num_layers, name_or_path)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         is_causal_lm=is_causal_lm,
-        layers=_find_blocks(model, num_layers, name_or_path),
+        layers=blocks,
         layer=layer,
         d_model=int(config.hidden_size),
         name=name_or_path,
         max_positions=getattr(config, "max_position_embeddings", None),
+        hook_name=f"{blocks_path}.{layer}",
     )
 
 
