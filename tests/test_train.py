@@ -157,3 +157,55 @@ def test_help_lists_the_contract_flags():
                  "--out", "--checkpoint-every", "--resume", "--threshold-lr", "--threshold-param",
                  "--sparsity-loss", "--pre-act-loss-coefficient", "--config"):  # fmt: skip
         assert flag in result.stdout, flag
+
+
+def test_trains_from_a_model_and_reports_the_downstream_cost(tmp_path):
+    from _tiny_models import CORPUS, save_tiny_gpt2
+
+    model = save_tiny_gpt2(tmp_path / "gpt2")
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(CORPUS * 20))
+    out = tmp_path / "run"
+    flags = ["--model", str(model), "--layer", "0", "--dataset", str(text), "--context-length", "32",
+             "--d-sae", "64", "--batch-size", "128", "--steps", "20", "--log-every", "10", "--threshold-lr", "1e-2",
+             "--lr", "1e-3", "--lr-warmup-steps", "2", "--sparsity-warmup-steps", "5", "--out", str(out),
+             "--eval-fraction", "0.2", "--device", "cpu"]  # fmt: skip
+    assert train.main(flags) == 0
+    results = json.loads((out / "eval.json").read_text())
+    downstream = results["downstream"]
+    assert downstream["kind"] == "causal_lm"
+    assert np.isclose(downstream["delta_ce"], downstream["ce_spliced"] - downstream["ce_clean"])
+    metadata = json.loads((out / "cfg.json").read_text())["metadata"]
+    assert metadata["hook_name"] == "transformer.h.0" and metadata["hook_layer"] == 0
+
+
+def test_model_errors_are_one_line(tmp_path):
+    from _tiny_models import save_tiny_gpt2
+
+    model = save_tiny_gpt2(tmp_path / "gpt2")
+    text = tmp_path / "text.txt"
+    text.write_text("some words here")
+    common = ["--dataset", str(text), "--out", str(tmp_path / "o")]
+    assert_one_line_error(run_cli("--model", str(model), "--layer", "5", *common), "--layer 5", "2 layers")
+    assert_one_line_error(run_cli("--model", str(tmp_path / "nope"), "--layer", "0", *common), "nope")
+    assert_one_line_error(
+        run_cli("--model", str(model), "--layer", "0", "--dataset", str(tmp_path / "none.txt"), "--out", "o"),
+        "none.txt",
+    )
+
+
+def test_trains_on_shards_written_by_the_cache_cli(tmp_path):
+    from _tiny_models import CORPUS, save_tiny_gpt2
+
+    from jumprelu_ext import cache
+
+    model = save_tiny_gpt2(tmp_path / "gpt2")
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(CORPUS * 20))
+    shards = tmp_path / "shards"
+    cache.main(["--model", str(model), "--layer", "1", "--dataset", str(text), "--context-length", "32",
+                "--out", str(shards), "--shard-tokens", "500", "--device", "cpu"])  # fmt: skip
+    assert len(list(shards.glob("*.safetensors"))) > 1
+    out = tmp_path / "run"
+    assert train.main(small_run_flags(shards, out)) == 0
+    assert json.loads((out / "cfg.json").read_text())["d_in"] == 32
