@@ -58,7 +58,7 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
     "lr": 7e-4,
     "lr_warmup_steps": 50,
     "sparsity_warmup_steps": 200,
-    "l0_coefficient": 1e-3,
+    "l0_coefficient": 4e-3,
     "threshold_lr": 2e-2,
     "init_threshold": 0.02,
     "bandwidth": 0.01,

@@ -17,10 +17,10 @@ class UserError(ValueError):
 
 
 def run_cli(main, argv=None) -> int:
-    """Call ``main(argv)``; map ``UserError`` (and missing files) to a one-line error, exit 2."""
+    """Call ``main(argv)`` and return its exit status (None counts as 0); map ``UserError`` (and
+    missing files) to a one-line error and status 2."""
     try:
-        main(argv)
+        return main(argv) or 0
     except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
