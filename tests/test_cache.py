@@ -7,6 +7,9 @@ import sys
 import pytest
 import torch
 
+# transformers is a dependency here and in CI; the bare GPU machine may lack it.
+pytest.importorskip("transformers")
+
 from _tiny_models import CORPUS, save_tiny_gpt2
 from jumprelu_ext.activations import open_activations
 from jumprelu_ext.cache import main

@@ -6,6 +6,9 @@ import math
 import pytest
 import torch
 
+# transformers is a dependency here and in CI; the bare GPU machine may lack it.
+pytest.importorskip("transformers")
+
 from _tiny_models import CORPUS, save_tiny_bert, save_tiny_gpt2
 from jumprelu_ext.downstream import downstream_eval
 from jumprelu_ext.harvest import HarvestError, load_model, tokenize

@@ -5,6 +5,9 @@ import json
 import pytest
 import torch
 
+# transformers is a dependency here and in CI; the bare GPU machine may lack it.
+pytest.importorskip("transformers")
+
 from _tiny_models import CORPUS, save_tiny_bert, save_tiny_gpt2
 from jumprelu_ext.harvest import (
     ALLOW_DOWNLOAD_ENV,

@@ -160,6 +160,7 @@ def test_help_lists_the_contract_flags():
 
 
 def test_trains_from_a_model_and_reports_the_downstream_cost(tmp_path):
+    pytest.importorskip("transformers")
     from _tiny_models import CORPUS, save_tiny_gpt2
 
     model = save_tiny_gpt2(tmp_path / "gpt2")
@@ -180,6 +181,7 @@ def test_trains_from_a_model_and_reports_the_downstream_cost(tmp_path):
 
 
 def test_model_errors_are_one_line(tmp_path):
+    pytest.importorskip("transformers")
     from _tiny_models import save_tiny_gpt2
 
     model = save_tiny_gpt2(tmp_path / "gpt2")
@@ -195,6 +197,7 @@ def test_model_errors_are_one_line(tmp_path):
 
 
 def test_trains_on_shards_written_by_the_cache_cli(tmp_path):
+    pytest.importorskip("transformers")
     from _tiny_models import CORPUS, save_tiny_gpt2
 
     from jumprelu_ext import cache
@@ -209,3 +212,17 @@ def test_trains_on_shards_written_by_the_cache_cli(tmp_path):
     out = tmp_path / "run"
     assert train.main(small_run_flags(shards, out)) == 0
     assert json.loads((out / "cfg.json").read_text())["d_in"] == 32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_run_and_resume(activations, tmp_path, dtype):
+    out = tmp_path / "run"
+    # Later flags win: this runs on CUDA, first to step 6, then resumed to step 12.
+    flags = small_run_flags(activations, out, "--checkpoint-every", "3", "--device", "cuda", "--dtype", dtype)
+    assert train.main(flags + ["--steps", "6"]) == 0
+    assert train.main(flags + ["--resume"]) == 0
+    results = json.loads((out / "eval.json").read_text())
+    assert results["steps"] == 12 and np.isfinite(results["fvu"])
+    sae = load_sae(out)
+    assert torch.isfinite(sae.threshold).all()
