@@ -200,21 +200,27 @@ def split_holdout(store_or_num_rows, fraction: float, seed: int) -> tuple[np.nda
 
 
 class ShuffledBatches:
-    """Endless [batch_size, d_in] fp32 batches on ``device``, reshuffled every epoch, exactly resumable.
+    """Endless fp32 batches on ``device``, reshuffled every epoch, exactly resumable.
 
-    Epoch e visits ``indices`` in the order of PCG64(seed + e), so the stream is a pure function of
-    (seed, epoch, position): that is all ``state_dict`` needs to save. Rows with NaN/Inf are skipped
-    and the batch refilled from the next rows; ``dropped_rows`` counts every skip (a bad row is
-    counted again each epoch it is met).
+    Epoch e visits ``indices`` in the order of PCG64(seed + e); batch k is the rows at stream
+    positions [k·batch_size, (k+1)·batch_size) (spanning epoch ends), so the stream is a pure
+    function of (seed, epoch, position): that is all ``state_dict`` needs to save. Rows with
+    NaN/Inf are dropped, so a batch shrinks by them (and may be empty); ``dropped_rows`` counts
+    every drop (a bad row is counted again each epoch it is met).
+
+    ``shard=(rank, world_size)`` is for data-parallel training: every rank walks the same global
+    stream and reads only its contiguous share of each global batch, so the ranks' batches
+    together are exactly the single-process batch, whatever the world size.
     """
 
-    def __init__(self, store: ActivationStore, batch_size: int, seed: int = 0, device="cpu", indices=None):
+    def __init__(self, store, batch_size: int, seed: int = 0, device="cpu", indices=None, shard=(0, 1)):
         if batch_size <= 0:
             raise ActivationError(f"batch_size must be positive, got {batch_size}")
         self.store = store
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.device = torch.device(device)
+        self.rank, self.world_size = shard
         idx = np.arange(store.num_rows, dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
         if idx.ndim != 1 or idx.size == 0:
             raise ActivationError("indices must be a non-empty 1-D array of row numbers")
@@ -233,30 +239,30 @@ class ShuffledBatches:
             self._perm_epoch = self.epoch
         return self._perm
 
+    def _next_global_batch(self) -> np.ndarray:
+        """Row numbers at the next batch_size stream positions, advancing the position."""
+        parts, need = [], self.batch_size
+        while need:
+            perm = self._permutation()
+            take = perm[self.position : self.position + need]
+            parts.append(take)
+            need -= take.size
+            self.position += take.size
+            if self.position >= perm.size:
+                self.epoch, self.position = self.epoch + 1, 0
+        return np.concatenate(parts)
+
     def __iter__(self):
         return self
 
     def __next__(self) -> torch.Tensor:
-        parts, have = [], 0
-        # 2·n consecutive positions always contain one whole epoch: if none of them was finite, none is.
-        scanned_without_finite, limit = 0, 2 * self.indices.size
-        while have < self.batch_size:
-            perm = self._permutation()
-            take = perm[self.position : self.position + (self.batch_size - have)]
-            x = self.store.rows(take)
-            finite = torch.isfinite(x).all(dim=1)
-            kept = int(finite.sum())
-            self.dropped_rows += take.size - kept
-            scanned_without_finite = 0 if kept else scanned_without_finite + take.size
-            if scanned_without_finite >= limit:
-                raise ActivationError(f"no finite rows among the {self.indices.size} rows to train on (all NaN/Inf)")
-            if kept:
-                parts.append(x if kept == take.size else x[finite])
-                have += kept
-            self.position += take.size
-            if self.position >= perm.size:
-                self.epoch, self.position = self.epoch + 1, 0
-        return torch.cat(parts).to(self.device)
+        rows = self._next_global_batch()
+        share = -(-rows.size // self.world_size)  # ceil: the last rank may get fewer rows
+        x = self.store.rows(rows[self.rank * share : (self.rank + 1) * share])
+        finite = torch.isfinite(x).all(dim=1)
+        kept = int(finite.sum())
+        self.dropped_rows += x.shape[0] - kept
+        return (x if kept == x.shape[0] else x[finite]).to(self.device)
 
     def state_dict(self) -> dict:
         return {

@@ -125,6 +125,11 @@ class TrainConfig:
     device: str = _f("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:N or mps")
     dtype: str = _f("float32", "compute dtype; bfloat16 uses autocast on CUDA (theta stays float32)")
     seed: int = _f(0, "random seed for initialisation, data order and the evaluation split")
+    shard_features: bool = _f(
+        False,
+        "under torchrun: split the d_sae features across ranks (every rank sees the whole batch) "
+        "instead of splitting batches (data parallel, the default)",
+    )
 
     # --- output ---
     out: str = _f("runs/latest", "output folder for checkpoints, logs and the final SAE")

@@ -9,7 +9,15 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .activations import ShuffledBatches, TensorStore, estimate_scale, open_activations, split_holdout
+from .activations import (
+    ActivationError,
+    ShuffledBatches,
+    TensorStore,
+    estimate_scale,
+    open_activations,
+    split_holdout,
+)
+from .distributed import sum_
 
 
 @dataclass
@@ -23,6 +31,23 @@ class TrainingData:
     eval_tokens: Any = None  # harvest.TokenBatch of the held-out sequences
     metadata: dict = field(default_factory=dict)  # SAELens cfg metadata
 
+    def next_batch(self, layout) -> tuple[torch.Tensor, int]:
+        """This rank's rows of the next global batch that has any finite row, scaled by the input
+        scale, and the global number of rows (what the loss means are taken over)."""
+        empty_rows = 0
+        while True:
+            x = next(self.train)
+            rows = x.shape[0]
+            if layout.data_parallel:
+                rows = int(sum_(torch.tensor([rows], device=x.device), layout).item())
+            if rows:
+                return x * self.input_scale, rows
+            empty_rows += self.train.batch_size
+            if empty_rows >= 2 * self.train.indices.size:  # two epochs' worth: no row is finite
+                raise ActivationError(
+                    f"no finite rows among the {self.train.indices.size} rows to train on (all NaN/Inf)"
+                )
+
     def eval_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """Held-out rows, scaled by the input scale, non-finite rows left out."""
         device = self.train.device
@@ -31,16 +56,19 @@ class TrainingData:
             yield x[torch.isfinite(x).all(dim=1)] * self.input_scale
 
 
-def prepare_data(cfg, device: torch.device) -> TrainingData:
+def prepare_data(cfg, device: torch.device, layout) -> TrainingData:
+    """Every rank gets the same held-out set and walks the same training stream, reading its
+    ``layout.data_shard`` of each batch. Under torchrun with ``--model`` every rank harvests the
+    whole text (a one-off cost); for large runs harvest once with ``python -m jumprelu_ext.cache``."""
     if cfg.activations is not None:
-        return _from_files(cfg, device)
-    return _from_model(cfg, device)
+        return _from_files(cfg, device, layout)
+    return _from_model(cfg, device, layout)
 
 
-def _from_files(cfg, device) -> TrainingData:
+def _from_files(cfg, device, layout) -> TrainingData:
     store = open_activations(cfg.activations)
     train_idx, eval_idx = split_holdout(store, cfg.eval_fraction, cfg.seed)
-    train = ShuffledBatches(store, cfg.batch_size, seed=cfg.seed, device=device, indices=train_idx)
+    train = ShuffledBatches(store, cfg.batch_size, cfg.seed, device, indices=train_idx, shard=layout.data_shard)
     return TrainingData(
         train=train,
         eval_store=store,
@@ -51,7 +79,7 @@ def _from_files(cfg, device) -> TrainingData:
     )
 
 
-def _from_model(cfg, device) -> TrainingData:
+def _from_model(cfg, device, layout) -> TrainingData:
     from .harvest import harvest, load_model, tokenize
     from .text import iter_texts
 
@@ -59,10 +87,10 @@ def _from_model(cfg, device) -> TrainingData:
     tokens = tokenize(model.tokenizer, iter_texts(cfg.dataset), cfg.context_length, model.is_causal_lm, cfg.max_tokens)
     # Hold out whole sequences, so no evaluated token has trained neighbours in its context.
     train_seq, eval_seq = split_holdout(tokens.input_ids.shape[0], cfg.eval_fraction, cfg.seed)
-    train_store = TensorStore(harvest(model, tokens.select(train_seq), progress=True))
+    train_store = TensorStore(harvest(model, tokens.select(train_seq), progress=layout.is_main))
     eval_tokens = tokens.select(eval_seq)
     eval_store = TensorStore(harvest(model, eval_tokens))
-    train = ShuffledBatches(train_store, cfg.batch_size, seed=cfg.seed, device=device)
+    train = ShuffledBatches(train_store, cfg.batch_size, cfg.seed, device, shard=layout.data_shard)
     return TrainingData(
         train=train,
         eval_store=eval_store,

@@ -106,6 +106,11 @@ class JumpReLUSAE(nn.Module):
         # dtype; an fp32 bias added afterwards would promote pre back to fp32.
         return F.linear(x, self.W_enc.t(), self.b_enc)
 
+    def sum_over_features(self, per_row: torch.Tensor) -> torch.Tensor:
+        """A per-row sum over this module's features is the sum over all of them (a
+        feature-sharded SAE adds the other ranks' parts here)."""
+        return per_row
+
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
         return F.linear(acts, self.W_dec.t(), self.b_dec)
 
@@ -120,6 +125,7 @@ class JumpReLUSAE(nn.Module):
         sparsity_loss: str = "step",
         tanh_scale: float = 4.0,
         pre_act_loss_coefficient: float = 0.0,
+        num_rows: int | None = None,
     ) -> "SAELoss":
         """total = mse + λ·sparsity (+ pre-act term); every term a mean over rows, reduced in fp32.
 
@@ -127,25 +133,31 @@ class JumpReLUSAE(nn.Module):
         only through the op's straight-through estimator) or Anthropic's 2025 smooth penalty
         Σ_i tanh(c·f_i·‖W_dec,i‖) (``"tanh"``). The pre-activation term
         Σ_i ReLU(θ_i − pre_i)·‖W_dec,i‖ pulls features that never fire back toward their
-        threshold; it is only computed when its coefficient is non-zero.
+        threshold; it is only computed when its coefficient is non-zero. Means divide by
+        ``num_rows`` (default: this batch's rows; data-parallel training passes the global count).
         """
         if sparsity_loss not in SPARSITY_LOSSES:
             raise ValueError(f"JumpReLUSAE.loss: sparsity_loss must be one of {SPARSITY_LOSSES}, got {sparsity_loss!r}")
         pre = self.pre_acts(x)
         acts, l0 = self.activate(pre)
         out = SAEOutput(self.decode(acts), acts, l0)
-        mse = (x.float() - out.reconstruction.float()).pow(2).sum(-1).mean()
-        l0_mean = l0.float().mean()
+        n = x.shape[0] if num_rows is None else num_rows
+
+        def mean(per_row):
+            return per_row.float().sum() / n
+
+        mse = mean((x.float() - out.reconstruction.float()).pow(2).sum(-1))
+        l0_mean = mean(l0)
         if sparsity_loss == "step":
             sparsity = l0_mean
         else:
             dec_norms = self.W_dec.float().norm(dim=1)
-            sparsity = torch.tanh(tanh_scale * acts.float().abs() * dec_norms).sum(-1).mean()
+            sparsity = mean(self.sum_over_features(torch.tanh(tanh_scale * acts.float().abs() * dec_norms).sum(-1)))
         total = mse + l0_coefficient * sparsity
         pre_act = torch.zeros((), device=mse.device)
         if pre_act_loss_coefficient:
             dec_norms = self.W_dec.float().norm(dim=1)
-            pre_act = (F.relu(self.threshold.detach() - pre.float()) * dec_norms).sum(-1).mean()
+            pre_act = mean(self.sum_over_features((F.relu(self.threshold.detach() - pre.float()) * dec_norms).sum(-1)))
             total = total + pre_act_loss_coefficient * pre_act
         return SAELoss(total, mse, l0_mean, sparsity, pre_act, out)
 

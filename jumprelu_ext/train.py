@@ -7,6 +7,8 @@ evaluation and the report. The recipe is Rajamanoharan et al. 2024 (GUIDE.md §1
 from __future__ import annotations
 
 import json
+import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import CHECKPOINT_NAME, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import parse_args
 from .data import prepare_data
@@ -26,6 +29,8 @@ from .run_log import RunLog
 from .sae import JumpReLUSAE
 from .schedules import l0_coefficient_at, lr_factor
 
+DENSE_RATE = 0.1  # a feature firing on more than this fraction of tokens counts as dense
+
 # A checkpoint resumes only a run with the same model, data stream and schedule shape.
 RESUME_MUST_MATCH = (
     "activations", "model", "layer", "dataset", "context_length", "max_tokens", "d_sae", "expansion_factor",
@@ -34,23 +39,40 @@ RESUME_MUST_MATCH = (
 
 
 def main(argv=None) -> int:
-    # ---------------------------------------------------------------- configuration
     cfg = parse_args(argv)
+    # Under torchrun: join the process group (one rank per process); alone: a world of one.
+    layout, device = distributed.init(cfg.device, cfg.shard_features, resolve_device)
+    try:
+        status = train(cfg, layout, device)
+        distributed.finish(layout)
+        return status
+    finally:
+        distributed.shutdown()
+
+
+def train(cfg, layout, device) -> int:
+    # ---------------------------------------------------------------- configuration
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs use TF32 tensor cores
     torch.manual_seed(cfg.seed)
+    say = print if layout.is_main else _quiet
 
     # ---------------------------------------------------------------- data
-    data = prepare_data(cfg, device)
+    data = prepare_data(cfg, device, layout)
     d_sae = cfg.d_sae or data.d_in * cfg.expansion_factor
-    print(f"training on {data.d_in}-dim activations ({data.train.indices.size} training rows, "
-          f"{data.eval_indices.size} held out), input scale {data.input_scale:.4g}, d_sae {d_sae}")  # fmt: skip
+    say(f"training on {data.d_in}-dim activations ({data.train.indices.size} training rows, "
+        f"{data.eval_indices.size} held out), input scale {data.input_scale:.4g}, d_sae {d_sae}"
+        + (f", {layout.world_size} ranks, {'features sharded' if layout.sharded else 'data parallel'}"
+           if layout.world_size > 1 else ""))  # fmt: skip
 
     # ---------------------------------------------------------------- SAE and optimiser
-    sae = JumpReLUSAE(data.d_in, d_sae, cfg.bandwidth, cfg.init_threshold, cfg.threshold_param, device=device)
+    # Every rank draws the same initial SAE; a feature-sharded rank keeps its slice of it.
+    init_device = "cpu" if layout.sharded else device
+    full = JumpReLUSAE(data.d_in, d_sae, cfg.bandwidth, cfg.init_threshold, cfg.threshold_param, device=init_device)
+    sae = distributed.build_sae(full, layout, device)
+    del full
     theta = sae.log_threshold if cfg.threshold_param == "log" else sae.get_parameter("threshold")
     weights = [p for p in sae.parameters() if p is not theta]
     optimizer = torch.optim.Adam(
@@ -69,36 +91,44 @@ def main(argv=None) -> int:
     if cfg.resume and checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path, map_location=device)
         check_resumable(state["config"], cfg)
-        sae.load_state_dict(state["sae"])
-        optimizer.load_state_dict(state["optimizer"])
+        sae_state, optimizer_state = distributed.shard_states(state["sae"], state["optimizer"], sae, optimizer,
+                                                              layout, d_sae)  # fmt: skip
+        sae.load_state_dict(sae_state)
+        optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(state["scheduler"])
         data.train.load_state_dict(state["data"])
         data.input_scale = state["input_scale"]
         restore_rng_state(state["rng"])
         step = state["step"]
-        print(f"resumed from {checkpoint_path} at step {step}")
+        say(f"resumed from {checkpoint_path} at step {step}")
     elif cfg.resume:
-        print(f"--resume: no checkpoint in {out}, starting at step 0")
-    run_log = RunLog(out, cfg, resume_step=step)
+        say(f"--resume: no checkpoint in {out}, starting at step 0")
+    run_log = RunLog(out, cfg, resume_step=step) if layout.is_main else None
 
     def checkpoint():
-        save_checkpoint(checkpoint_path, {
-            "sae": sae.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "step": step, "data": data.train.state_dict(), "input_scale": data.input_scale,
-            "rng": capture_rng_state(), "config": cfg.to_dict(),
-        })  # fmt: skip
+        # Always the whole SAE in the single-process format: resumable at any world size.
+        sae_state, optimizer_state = distributed.gather_states(sae, optimizer, layout)
+        if layout.is_main:
+            save_checkpoint(checkpoint_path, {
+                "sae": sae_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                "step": step, "data": data.train.state_dict(), "input_scale": data.input_scale,
+                "rng": capture_rng_state(), "config": cfg.to_dict(),
+            })  # fmt: skip
 
     # ---------------------------------------------------------------- training loop
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not layout.is_main)
     window_start, window_steps = time.perf_counter(), 0
+    stopping = False
     with StopRequest() as stop:
-        while step < cfg.steps and not stop:
-            x = next(data.train) * data.input_scale
+        while step < cfg.steps and not stopping:
+            x, rows = data.next_batch(layout)  # this rank's rows; `rows` counts the global batch
             l0_coefficient = l0_coefficient_at(step, cfg.l0_coefficient, cfg.sparsity_warmup_steps)
             with autocast:
-                loss = sae.loss(x, l0_coefficient, cfg.sparsity_loss, cfg.tanh_scale, cfg.pre_act_loss_coefficient)
+                loss = sae.loss(x, l0_coefficient, cfg.sparsity_loss, cfg.tanh_scale, cfg.pre_act_loss_coefficient,
+                                num_rows=rows)  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             loss.total.backward()
+            distributed.all_reduce_gradients(sae.parameters(), layout)  # data parallel: the global gradient
             sae.remove_parallel_decoder_grad()  # keep decoder rows on the unit sphere ...
             optimizer.step()
             scheduler.step()
@@ -107,27 +137,37 @@ def main(argv=None) -> int:
             step += 1
             window_steps += 1
             bar.update(1)
+            stopping = distributed.agree(bool(stop), layout, device)  # all ranks stop at the same step
 
             if step % cfg.log_every == 0 or step == cfg.steps:
                 seconds = time.perf_counter() - window_start
-                row = log_row(step, x, loss, l0_coefficient, scheduler, sae, firing, data, window_steps / seconds)
-                run_log.log(row)
+                row = log_row(step, x, rows, loss, l0_coefficient, scheduler, sae, firing, data, layout,
+                              window_steps / seconds)  # fmt: skip
+                if run_log:
+                    run_log.log(row)
                 bar.set_postfix(loss=f"{row['loss']:.4g}", l0=f"{row['l0']:.1f}", fvu=f"{row['fvu']:.3f}",
                                 tok_s=f"{row['tokens_per_s']:.0f}")  # fmt: skip
                 firing.reset()
                 window_start, window_steps = time.perf_counter(), 0
-            if step == cfg.steps or stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            if step == cfg.steps or stopping or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 checkpoint()
     bar.close()
-    run_log.close()
-    if stop:
-        print(f"stopped by signal {stop.signal_number} at step {step}; checkpoint in {checkpoint_path}, "
-              f"continue with --resume", file=sys.stderr)  # fmt: skip
-        return 128 + stop.signal_number
+    if run_log:
+        run_log.close()
+    if stopping:
+        signal_number = stop.signal_number or signal.SIGTERM  # this rank may have been told by another
+        say(f"stopped by signal {signal_number} at step {step}; checkpoint in {checkpoint_path}, "
+            f"continue with --resume", file=sys.stderr)  # fmt: skip
+        return 128 + signal_number
 
     # ---------------------------------------------------------------- evaluation and report
+    # Data-parallel ranks hold identical SAEs: rank 0 evaluates. Sharded ranks evaluate together.
+    if not (layout.is_main or layout.sharded):
+        return 0
     results = evaluate(sae, data.eval_batches(cfg.batch_size), data.input_scale)
-    firing_rates = results.pop("firing_rates")
+    firing_rates = distributed.gather_features(results.pop("firing_rates"), layout, device)
+    results["dead_fraction"] = (firing_rates == 0).double().mean().item()
+    results["dense_fraction"] = (firing_rates > DENSE_RATE).double().mean().item()
     if data.model is not None:
         from .downstream import downstream_eval
 
@@ -136,12 +176,19 @@ def main(argv=None) -> int:
 
         results["downstream"] = downstream_eval(data.model, reconstruct, data.eval_tokens)
     results["steps"] = step
-    save_sae(sae, out, data.input_scale, {**data.metadata, "training_config": cfg.to_dict()})
+    whole_sae = distributed.whole_sae(sae, layout, d_sae)
+    if not layout.is_main:
+        return 0
+    save_sae(whole_sae, out, data.input_scale, {**data.metadata, "training_config": cfg.to_dict()})
     (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     plot_density(firing_rates, out / "density.png")
     plot_curves(run_log.rows, out / "curves.png")
-    print(summary(results, out))
+    say(summary(results, out))
     return 0
+
+
+def _quiet(*args, **kwargs):
+    pass
 
 
 def resolve_device(name: str) -> torch.device:
@@ -167,25 +214,33 @@ def check_resumable(saved: dict, cfg) -> None:
 
 
 @torch.no_grad()
-def log_row(step, x, loss, l0_coefficient, scheduler, sae, firing, data, steps_per_s) -> dict:
-    mse = loss.mse.item()
-    if not torch.isfinite(loss.total):
-        raise UserError(f"the loss became {loss.total.item()} at step {step}: lower --lr / --threshold-lr")
-    variance = (x.float() - x.float().mean(0)).pow(2).sum(-1).mean().item()
+def log_row(step, x, rows, loss, l0_coefficient, scheduler, sae, firing, data, layout, steps_per_s) -> dict:
+    """The logged metrics of the global batch (collectives: every rank calls this)."""
+    # Data parallel: each rank's loss terms are its share of the global means; sum them.
+    summed = layout if layout.data_parallel else distributed.Layout()
+    x = x.double()
+    stats = torch.cat([torch.stack([loss.total.double(), loss.mse.double(), loss.l0.double(), x.pow(2).sum()]),
+                       x.sum(0), torch.tensor([float(data.train.dropped_rows)], device=x.device, dtype=x.dtype)])  # fmt: skip
+    total, mse, l0, sum_squares, *rest = distributed.sum_(stats, summed).tolist()
+    *sum_x, dropped_rows = rest
+    if not math.isfinite(total):
+        raise UserError(f"the loss became {total} at step {step}: lower --lr / --threshold-lr")
+    variance = sum_squares / rows - sum(v * v for v in sum_x) / rows**2  # of the batch, summed over d_in
+    dead, dense = distributed.firing_fractions(firing, layout, DENSE_RATE)
     return {
         "step": step,
-        "tokens": step * x.shape[0],
-        "loss": loss.total.item(),
+        "tokens": step * data.train.batch_size,
+        "loss": total,
         "mse": mse,
-        "l0": loss.l0.item(),
+        "l0": l0,
         "fvu": mse / variance if variance > 0 else float("nan"),
         "l0_coefficient": l0_coefficient,
         "lr": scheduler.get_last_lr()[0],
-        "threshold_mean": sae.threshold.mean().item(),
-        "dead_fraction": firing.dead_fraction(),
-        "dense_fraction": firing.dense_fraction(),
-        "dropped_rows": data.train.dropped_rows,
-        "tokens_per_s": steps_per_s * x.shape[0],
+        "threshold_mean": distributed.feature_mean(sae.threshold, layout),
+        "dead_fraction": dead,
+        "dense_fraction": dense,
+        "dropped_rows": int(dropped_rows),
+        "tokens_per_s": steps_per_s * data.train.batch_size,
     }
 
 

@@ -1,0 +1,102 @@
+"""torchrun on CPU (gloo, 2 processes): data-parallel and feature-sharded runs equal a
+single-process run over the same batches, and checkpoints move between world sizes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jumprelu_ext import train
+
+D_IN, D_SAE = 16, 32
+
+
+@pytest.fixture(scope="module")
+def activations(tmp_path_factory):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2000, D_IN)).astype(np.float32) * 2.0 + 0.5
+    x[[5, 300, 1999]] = np.nan  # dropped rows must not break the equality
+    path = tmp_path_factory.mktemp("data") / "acts.npy"
+    np.save(path, x)
+    return path
+
+
+def flags(activations, out, *extra):
+    return [
+        "--activations", str(activations), "--out", str(out), "--d-sae", str(D_SAE), "--batch-size", "128",
+        "--steps", "12", "--lr", "1e-3", "--lr-warmup-steps", "2", "--sparsity-warmup-steps", "4",
+        "--threshold-lr", "1e-2", "--init-threshold", "0.05", "--bandwidth", "0.05", "--log-every", "4",
+        "--checkpoint-every", "3", "--device", "cpu", "--sparsity-loss", "tanh", "--pre-act-loss-coefficient", "0.01",
+        *extra,
+    ]  # fmt: skip
+
+
+def torchrun(nproc, args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "jumprelu_ext.train", *args]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def weights(out):
+    return load_file(out / "sae_weights.safetensors")
+
+
+def assert_same_sae(a, b):
+    wa, wb = weights(a), weights(b)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single(activations, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    assert train.main(flags(activations, out)) == 0
+    return out
+
+
+@pytest.mark.parametrize("layout", ["data-parallel", "sharded"])
+def test_two_ranks_equal_one_process(activations, single, tmp_path, layout):
+    out = tmp_path / layout
+    result = torchrun(2, flags(activations, out, *(["--shard-features"] if layout == "sharded" else [])))
+    assert result.stdout.count("evaluation on") == 1  # reports come from rank 0 only
+    assert_same_sae(out, single)
+    ours, reference = metrics(out), metrics(single)
+    assert [r["step"] for r in ours] == [r["step"] for r in reference]
+    for key in ("loss", "mse", "l0", "fvu", "threshold_mean", "dead_fraction", "dropped_rows"):
+        np.testing.assert_allclose([r[key] for r in ours], [r[key] for r in reference], rtol=1e-4, err_msg=key)
+    evaluation, reference_eval = (json.loads((d / "eval.json").read_text()) for d in (out, single))
+    for key in ("l0", "fvu", "dead_fraction", "dense_fraction"):
+        np.testing.assert_allclose(evaluation[key], reference_eval[key], rtol=1e-4, err_msg=key)
+
+
+@pytest.mark.parametrize("layout", ["data-parallel", "sharded"])
+def test_checkpoints_move_between_world_sizes(activations, single, tmp_path, layout):
+    extra = ["--shard-features"] if layout == "sharded" else []
+    two_then_one, one_then_two = tmp_path / "two_then_one", tmp_path / "one_then_two"
+    torchrun(2, flags(activations, two_then_one, "--steps", "6", *extra))
+    assert train.main(flags(activations, two_then_one, "--resume")) == 0
+    assert_same_sae(two_then_one, single)
+
+    assert train.main(flags(activations, one_then_two, "--steps", "6")) == 0
+    torchrun(2, flags(activations, one_then_two, "--resume", *extra))
+    assert_same_sae(one_then_two, single)
+
+
+def test_sharding_needs_divisible_features(activations, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "-m", "jumprelu_ext.train", *flags(activations, tmp_path / "o", "--shard-features", "--d-sae", "33")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "error: --shard-features: d_sae 33 is not divisible by the world size 2" in result.stderr
