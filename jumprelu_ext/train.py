@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import signal
 import sys
 import time
@@ -17,7 +18,14 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import CHECKPOINT_NAME, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    atomic_write_bytes,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from .config import parse_args
 from .data import prepare_data
 from .errors import UserError, run_cli
@@ -180,7 +188,7 @@ def train(cfg, layout, device) -> int:
     if not layout.is_main:
         return 0
     save_sae(whole_sae, out, data.input_scale, {**data.metadata, "training_config": cfg.to_dict()})
-    (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    atomic_write_bytes(out / "eval.json", (json.dumps(results, indent=2) + "\n").encode())
     plot_density(firing_rates, out / "density.png")
     plot_curves(run_log.rows, out / "curves.png")
     say(summary(results, out))
@@ -241,7 +249,15 @@ def log_row(step, x, rows, loss, l0_coefficient, scheduler, sae, firing, data, l
         "dense_fraction": dense,
         "dropped_rows": int(dropped_rows),
         "tokens_per_s": steps_per_s * data.train.batch_size,
+        "peak_memory_mib": peak_memory_mib(x.device),
     }
+
+
+def peak_memory_mib(device) -> float:
+    """This rank's peak memory so far: CUDA allocations on a GPU, the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def summary(results: dict, out: Path) -> str:
