@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for the GPU machine: build the extension, run the whole test suite with the
 # CUDA tests enabled, run the CUDA op tests under compute-sanitizer (memcheck, racecheck),
-# and run both benchmarks (ops, training step). Logs and JSON results go to OUT_DIR; benchmarks/RESULTS.md is updated and
+# and run the benchmarks (ops, training step, single-GPU scale-out baseline). Logs and JSON results go to OUT_DIR; benchmarks/RESULTS.md is updated and
 # copied there too. Exits non-zero if any step failed (every step still runs).
 #   usage: benchmarks/gpu_check.sh OUT_DIR
 set -uo pipefail
@@ -55,6 +55,9 @@ step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 97 \
 step bench_ops 240 "$python" benchmarks/bench_ops.py --device cuda --out "$out" \
   --markdown benchmarks/RESULTS.md
 step bench_train 150 "$python" benchmarks/bench_train.py --device cuda --out "$out" \
+  --markdown benchmarks/RESULTS.md
+# The single-GPU baseline that multi-GPU scale-out numbers are compared against.
+step bench_distributed 90 "$python" benchmarks/bench_distributed.py --device cuda --world-sizes 1 --out "$out" \
   --markdown benchmarks/RESULTS.md
 cp benchmarks/RESULTS.md "$out/"
 exit $status
