@@ -92,14 +92,7 @@ def main() -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     harness.write_jsonl(args.out / f"{stamp}_{args.device}_distributed.jsonl", records)
     if args.markdown:
-        body = "\n".join([
-            f"### Scale-out, {env['device_name']}",
-            "",
-            f"- torch {env['torch_version']}, {os.cpu_count()} CPUs, {env['date']}, git {env['git']}",
-            f"- command: `python benchmarks/bench_distributed.py {' '.join(sys.argv[1:])}`",
-            "",
-            *harness.table_lines(COLUMNS, records),
-        ])  # fmt: skip
+        body = harness.report(f"Scale-out, {env['device_name']}", env, COLUMNS, records)
         harness.replace_section(args.markdown, f"distributed:{args.device}", body)
     return 0
 

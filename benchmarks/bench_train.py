@@ -114,14 +114,7 @@ def main() -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     harness.write_jsonl(args.out / f"{stamp}_{device.type}_train.jsonl", records)
     if args.markdown:
-        body = "\n".join([
-            f"### Training step, {env['device_name']}",
-            "",
-            f"- torch {env['torch_version']}, {env['threads']} threads, {env['date']}, git {env['git']}",
-            f"- command: `python benchmarks/bench_train.py {' '.join(sys.argv[1:])}`",
-            "",
-            *harness.table_lines(COLUMNS, records),
-        ])
+        body = harness.report(f"Training step, {env['device_name']}", env, COLUMNS, records)
         harness.replace_section(args.markdown, f"train:{device.type}", body)
     return 0
 

@@ -8,6 +8,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +143,19 @@ def table_lines(columns: list[Column], records: list[dict[str, object]], header:
         lines.append("|" + "|".join("-" * (width + 1) + ":" for _, _, width, _ in columns) + "|")
     lines += [line([_cell(r.get(key), fmt) for key, _, _, fmt in columns]) for r in records]
     return lines
+
+
+def report(title: str, env: dict[str, object], columns: list[Column], records: list[dict[str, object]]) -> str:
+    """A markdown section: heading, environment, the command that made it, the table."""
+    script = Path(sys.argv[0]).name
+    return "\n".join([
+        f"### {title}",
+        "",
+        f"- torch {env['torch_version']}, {env['threads']} threads ({env['cpus']} CPUs), {env['date']}, git {env['git']}",
+        f"- command: `python benchmarks/{script} {' '.join(sys.argv[1:])}`",
+        "",
+        *table_lines(columns, records),
+    ])  # fmt: skip
 
 
 def replace_section(path: Path, section: str, body: str) -> None:

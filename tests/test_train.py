@@ -159,13 +159,20 @@ def test_help_lists_the_contract_flags():
         assert flag in result.stdout, flag
 
 
-def test_trains_from_a_model_and_reports_the_downstream_cost(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_gpt2_and_text(tmp_path_factory):
+    """A tiny GPT-2 folder (2 blocks, width 32) and a text file of its corpus."""
     pytest.importorskip("transformers")
     from _tiny_models import CORPUS, save_tiny_gpt2
 
-    model = save_tiny_gpt2(tmp_path / "gpt2")
-    text = tmp_path / "text.txt"
+    folder = tmp_path_factory.mktemp("gpt2")
+    text = folder / "text.txt"
     text.write_text("\n\n".join(CORPUS * 20))
+    return save_tiny_gpt2(folder / "model"), text
+
+
+def test_trains_from_a_model_and_reports_the_downstream_cost(tmp_path, tiny_gpt2_and_text):
+    model, text = tiny_gpt2_and_text
     out = tmp_path / "run"
     flags = ["--model", str(model), "--layer", "0", "--dataset", str(text), "--context-length", "32",
              "--d-sae", "64", "--batch-size", "128", "--steps", "20", "--log-every", "10", "--threshold-lr", "1e-2",
@@ -180,13 +187,8 @@ def test_trains_from_a_model_and_reports_the_downstream_cost(tmp_path):
     assert metadata["hook_name"] == "transformer.h.0" and metadata["hook_layer"] == 0
 
 
-def test_model_errors_are_one_line(tmp_path):
-    pytest.importorskip("transformers")
-    from _tiny_models import save_tiny_gpt2
-
-    model = save_tiny_gpt2(tmp_path / "gpt2")
-    text = tmp_path / "text.txt"
-    text.write_text("some words here")
+def test_model_errors_are_one_line(tmp_path, tiny_gpt2_and_text):
+    model, text = tiny_gpt2_and_text
     common = ["--dataset", str(text), "--out", str(tmp_path / "o")]
     assert_one_line_error(run_cli("--model", str(model), "--layer", "5", *common), "--layer 5", "2 layers")
     assert_one_line_error(run_cli("--model", str(tmp_path / "nope"), "--layer", "0", *common), "nope")
@@ -196,15 +198,10 @@ def test_model_errors_are_one_line(tmp_path):
     )
 
 
-def test_trains_on_shards_written_by_the_cache_cli(tmp_path):
-    pytest.importorskip("transformers")
-    from _tiny_models import CORPUS, save_tiny_gpt2
-
+def test_trains_on_shards_written_by_the_cache_cli(tmp_path, tiny_gpt2_and_text):
     from jumprelu_ext import cache
 
-    model = save_tiny_gpt2(tmp_path / "gpt2")
-    text = tmp_path / "text.txt"
-    text.write_text("\n\n".join(CORPUS * 20))
+    model, text = tiny_gpt2_and_text
     shards = tmp_path / "shards"
     cache.main(["--model", str(model), "--layer", "1", "--dataset", str(text), "--context-length", "32",
                 "--out", str(shards), "--shard-tokens", "500", "--device", "cpu"])  # fmt: skip
