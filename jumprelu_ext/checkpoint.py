@@ -164,7 +164,8 @@ def load_checkpoint(path, map_location="cpu", weights_only: bool = True) -> dict
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=weights_only)
+        # mmap: a caller that keeps part of a large checkpoint (a feature shard) reads only that part.
+        state = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=True)
     except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError / ... here
         raise ValueError(f"checkpoint {path} is corrupt or unreadable: {type(e).__name__}: {e}") from e
     if not isinstance(state, dict):

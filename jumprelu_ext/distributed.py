@@ -146,17 +146,15 @@ class FeatureShardedSAE(JumpReLUSAE):
         return _SumOverRanks.apply(per_row)
 
 
-def build_sae(full: JumpReLUSAE, layout: Layout, device) -> JumpReLUSAE:
-    """The SAE this rank trains: ``full`` itself, or its feature shard (same init as unsharded)."""
+def build_sae(d_in: int, d_sae: int, layout: Layout, device, **options) -> JumpReLUSAE:
+    """The SAE this rank trains: the whole SAE, or its feature shard, initialised exactly as the
+    same rows of the whole SAE (every rank draws from the same global seed)."""
     if not layout.sharded:
-        return full.to(device)
-    if full.d_sae % layout.world_size:
-        raise UserError(f"--shard-features: d_sae {full.d_sae} is not divisible by the world size {layout.world_size}")
-    local = FeatureShardedSAE(
-        full.d_in, full.d_sae // layout.world_size, full.bandwidth, threshold_param=full.threshold_param, device=device
-    )
-    local.load_state_dict(_map_sae_state(full.state_dict(), lambda t, dim: _slice(t, dim, layout, full.d_sae)))
-    return local
+        return JumpReLUSAE(d_in, d_sae, device=device, **options)
+    if d_sae % layout.world_size:
+        raise UserError(f"--shard-features: d_sae {d_sae} is not divisible by the world size {layout.world_size}")
+    local = d_sae // layout.world_size
+    return FeatureShardedSAE(d_in, local, device=device, first_feature=layout.rank * local, **options)
 
 
 def _slice(tensor, dim, layout, d_sae):
@@ -164,9 +162,17 @@ def _slice(tensor, dim, layout, d_sae):
     return tensor.narrow(dim, layout.rank * size, size).clone()
 
 
-def _gather(tensor, dim, layout):
-    parts = [torch.empty_like(tensor) for _ in range(layout.world_size)]
-    dist.all_gather(parts, tensor.contiguous())
+def _gather_to_main(tensor, dim, layout):
+    """Rank 0: the ranks' parts joined along ``dim``, on the CPU; other ranks: None. Parts come one
+    rank at a time, so rank 0's device holds one extra part at most, never the whole tensor."""
+    tensor = tensor.detach().contiguous()
+    if not layout.is_main:
+        dist.send(tensor, dst=0)
+        return None
+    parts, buffer = [tensor.cpu()], torch.empty_like(tensor)
+    for rank in range(1, layout.world_size):
+        dist.recv(buffer, src=rank)
+        parts.append(buffer.cpu())
     return torch.cat(parts, dim)
 
 
@@ -190,12 +196,13 @@ def _optimizer_param_names(sae, optimizer) -> list[str]:
 
 
 def gather_states(sae, optimizer, layout: Layout) -> tuple[dict, dict]:
-    """(SAE state, optimizer state) of the whole SAE, as a single process would hold them.
-    Sharded runs gather every rank's part: a collective, call it on every rank."""
+    """(SAE state, optimizer state) of the whole SAE, as a single process would hold them; in
+    sharded runs gathered to rank 0 (a collective: call it on every rank; only rank 0's is whole)."""
     states = sae.state_dict(), optimizer.state_dict()
     if not layout.sharded:
         return states
-    return _map_states(*states, _optimizer_param_names(sae, optimizer), lambda t, dim: _gather(t, dim, layout))
+    names = _optimizer_param_names(sae, optimizer)
+    return _map_states(*states, names, lambda t, dim: _gather_to_main(t, dim, layout))
 
 
 def shard_states(sae_state: dict, optimizer_state: dict, sae, optimizer, layout: Layout, d_sae: int):
@@ -207,20 +214,22 @@ def shard_states(sae_state: dict, optimizer_state: dict, sae, optimizer, layout:
 
 
 def whole_sae(sae, layout: Layout, d_sae: int):
-    """The whole SAE (on rank 0; a collective in sharded runs) for export."""
+    """The whole SAE for export: on rank 0 (None elsewhere), gathered to the CPU in sharded runs."""
     if not layout.sharded:
         return sae
-    state = _map_sae_state(sae.state_dict(), lambda t, dim: _gather(t, dim, layout))
-    whole = JumpReLUSAE(sae.d_in, d_sae, sae.bandwidth, threshold_param=sae.threshold_param, device="cpu")
-    whole.load_state_dict({k: v.cpu() for k, v in state.items()})
+    state = _map_sae_state(sae.state_dict(), lambda t, dim: _gather_to_main(t, dim, layout))
+    if not layout.is_main:
+        return None
+    whole = JumpReLUSAE(sae.d_in, d_sae, sae.bandwidth, threshold_param=sae.threshold_param, device="meta")
+    whole.load_state_dict({k: v.cpu() for k, v in state.items()}, assign=True)
     return whole
 
 
-def gather_features(values: torch.Tensor, layout: Layout, device) -> torch.Tensor:
-    """A per-feature CPU vector over all features (a collective in sharded runs)."""
+def gather_features(values: torch.Tensor, layout: Layout, device) -> torch.Tensor | None:
+    """A per-feature vector over all features, on the CPU of rank 0 (None elsewhere when sharded)."""
     if not layout.sharded:
         return values
-    return _gather(values.to(device), 0, layout).cpu()
+    return _gather_to_main(values.to(device), 0, layout)
 
 
 def feature_mean(values: torch.Tensor, layout: Layout) -> float:

@@ -12,6 +12,22 @@ from .ops import jumprelu_l0
 
 SPARSITY_LOSSES = ("step", "tanh")
 
+# The initial decoder is drawn in fixed blocks of rows, each from its own generator, so a range
+# of features can be drawn without the rest: a feature-sharded rank draws just its shard, equal
+# to the same rows of the whole SAE, and never holds the whole matrix.
+INIT_BLOCK_ROWS = 1024
+
+
+def initial_decoder_rows(seed: int, first: int, count: int, d_in: int) -> torch.Tensor:
+    """Rows first … first+count−1 of the initial decoder: random unit vectors, fp32 on the CPU."""
+    rows = []
+    for block in range(first // INIT_BLOCK_ROWS, (first + count - 1) // INIT_BLOCK_ROWS + 1):
+        drawn = torch.randn(INIT_BLOCK_ROWS, d_in, generator=torch.Generator().manual_seed(seed * 1_000_003 + block))
+        start = block * INIT_BLOCK_ROWS
+        rows.append(drawn[max(first - start, 0) : min(first + count - start, INIT_BLOCK_ROWS)])
+    w = torch.cat(rows)
+    return w / w.norm(dim=1, keepdim=True)
+
 
 class SAEOutput(NamedTuple):
     reconstruction: torch.Tensor
@@ -43,11 +59,21 @@ class JumpReLUSAE(nn.Module):
 
     θ is stored as ``log_threshold`` (θ = exp(log_threshold), the paper's choice) or, with
     threshold_param="raw", as ``threshold`` directly. θ is always fp32, whatever ``dtype``
-    the weights use: a bf16 θ stops learning (its updates round away).
+    the weights use: a bf16 θ stops learning (its updates round away). The initial weights
+    depend on torch's global seed; ``first_feature`` makes this module features
+    first_feature … first_feature+d_sae−1 of a wider SAE drawn from the same seed (sharding).
     """
 
     def __init__(
-        self, d_in, d_sae, bandwidth=1e-3, init_threshold=1e-3, threshold_param="log", device=None, dtype=None
+        self,
+        d_in,
+        d_sae,
+        bandwidth=1e-3,
+        init_threshold=1e-3,
+        threshold_param="log",
+        device=None,
+        dtype=None,
+        first_feature=0,
     ):
         super().__init__()
         _check_positive_int("d_in", d_in)
@@ -62,9 +88,12 @@ class JumpReLUSAE(nn.Module):
         dtype = dtype if dtype is not None else torch.get_default_dtype()
 
         # Decoder rows are random unit vectors and the encoder starts as their transpose.
-        # Draw and normalise in fp32 so that low-precision weights start as close to unit as they can.
-        w_dec = torch.randn(d_sae, d_in, device=device, dtype=torch.float32)
-        w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+        # Drawn and normalised in fp32 so that low-precision weights start as close to unit as they can.
+        seed = int(torch.randint(0, 2**31, ()).item())
+        if torch.device(device or "cpu").type == "meta":  # a shell whose weights will be assigned
+            w_dec = torch.empty(d_sae, d_in, device="meta")
+        else:
+            w_dec = initial_decoder_rows(seed, first_feature, d_sae, d_in).to(device)
         self.W_dec = nn.Parameter(w_dec.to(dtype))
         self.W_enc = nn.Parameter(w_dec.t().contiguous().to(dtype))
         self.b_enc = nn.Parameter(torch.zeros(d_sae, device=device, dtype=dtype))

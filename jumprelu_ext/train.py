@@ -34,7 +34,6 @@ from .interrupt import StopRequest
 from .metrics import FiringTracker, evaluate
 from .plots import plot_curves, plot_density
 from .run_log import RunLog
-from .sae import JumpReLUSAE
 from .schedules import l0_coefficient_at, lr_factor
 
 DENSE_RATE = 0.1  # a feature firing on more than this fraction of tokens counts as dense
@@ -76,11 +75,8 @@ def train(cfg, layout, device) -> int:
            if layout.world_size > 1 else ""))  # fmt: skip
 
     # ---------------------------------------------------------------- SAE and optimiser
-    # Every rank draws the same initial SAE; a feature-sharded rank keeps its slice of it.
-    init_device = "cpu" if layout.sharded else device
-    full = JumpReLUSAE(data.d_in, d_sae, cfg.bandwidth, cfg.init_threshold, cfg.threshold_param, device=init_device)
-    sae = distributed.build_sae(full, layout, device)
-    del full
+    sae = distributed.build_sae(data.d_in, d_sae, layout, device, bandwidth=cfg.bandwidth,
+                                init_threshold=cfg.init_threshold, threshold_param=cfg.threshold_param)  # fmt: skip
     theta = sae.log_threshold if cfg.threshold_param == "log" else sae.get_parameter("threshold")
     weights = [p for p in sae.parameters() if p is not theta]
     optimizer = torch.optim.Adam(
@@ -97,7 +93,7 @@ def train(cfg, layout, device) -> int:
     step = 0
     checkpoint_path = out / CHECKPOINT_NAME
     if cfg.resume and checkpoint_path.is_file():
-        state = load_checkpoint(checkpoint_path, map_location=device)
+        state = load_checkpoint(checkpoint_path)  # memory-mapped on the CPU: a shard reads its part
         check_resumable(state["config"], cfg)
         sae_state, optimizer_state = distributed.shard_states(state["sae"], state["optimizer"], sae, optimizer,
                                                               layout, d_sae)  # fmt: skip
@@ -174,8 +170,6 @@ def train(cfg, layout, device) -> int:
         return 0
     results = evaluate(sae, data.eval_batches(cfg.batch_size), data.input_scale)
     firing_rates = distributed.gather_features(results.pop("firing_rates"), layout, device)
-    results["dead_fraction"] = (firing_rates == 0).double().mean().item()
-    results["dense_fraction"] = (firing_rates > DENSE_RATE).double().mean().item()
     if data.model is not None:
         from .downstream import downstream_eval
 
@@ -187,6 +181,8 @@ def train(cfg, layout, device) -> int:
     whole_sae = distributed.whole_sae(sae, layout, d_sae)
     if not layout.is_main:
         return 0
+    results["dead_fraction"] = (firing_rates == 0).double().mean().item()  # over all features
+    results["dense_fraction"] = (firing_rates > DENSE_RATE).double().mean().item()
     save_sae(whole_sae, out, data.input_scale, {**data.metadata, "training_config": cfg.to_dict()})
     atomic_write_bytes(out / "eval.json", (json.dumps(results, indent=2) + "\n").encode())
     plot_density(firing_rates, out / "density.png")

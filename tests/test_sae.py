@@ -196,3 +196,16 @@ def test_pre_act_loss_revives_a_feature_that_never_fires():
 def test_unknown_sparsity_loss_is_rejected():
     with pytest.raises(ValueError, match="sparsity_loss"):
         make_sae().loss(torch.zeros(2, D_IN), 0.1, sparsity_loss="l1")
+
+
+def test_a_feature_range_starts_as_the_same_rows_of_the_whole_sae():
+    # Feature sharding draws only a rank's rows; they must be the whole SAE's rows (blocks of 1024
+    # rows are drawn independently, so ranges that start and end inside blocks are the test).
+    torch.manual_seed(3)
+    whole = JumpReLUSAE(D_IN, 3000)
+    torch.manual_seed(3)
+    part = JumpReLUSAE(D_IN, 1100, first_feature=1500)
+    assert torch.equal(part.W_dec, whole.W_dec[1500:2600])
+    assert torch.equal(part.W_enc, whole.W_enc[:, 1500:2600])
+    torch.manual_seed(4)
+    assert not torch.equal(JumpReLUSAE(D_IN, 3000).W_dec, whole.W_dec)  # the global seed decides
