@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -306,7 +307,7 @@ def build_parser(defaults: Mapping[str, Any] | None = None) -> argparse.Argument
     """An ArgumentParser with one option per TrainConfig field plus ``--config``."""
     parser = argparse.ArgumentParser(
         prog="python -m jumprelu_ext.train",
-        description="Train a JumpReLU sparse autoencoder (Rajamanoharan et al. 2024). Defaults below follow "
+        description="Train a JumpReLU sparse autoencoder (Rajamanoharan et al. 2024). The defaults below are "
         "the paper's recipe. With neither --activations nor --model, the embedded default runs instead, "
         "offline: " + ", ".join(f"{TrainConfig.flag(k)} {v}" for k, v in EMBEDDED_DEFAULT.items()) + ".",
     )
@@ -352,7 +353,10 @@ def parse_args(argv: Sequence[str] | None = None, *, validate: bool = True) -> T
     known, _ = pre.parse_known_args(argv)
     file_values = load_config_file(known.config) if known.config else {}
     sources = (known.activations, known.model, file_values.get("activations"), file_values.get("model"))
-    base = {} if any(v is not None for v in sources) else dict(EMBEDDED_DEFAULT)
+    args = sys.argv[1:] if argv is None else list(argv)
+    # --help shows the recipe's defaults; its description lists the embedded preset.
+    asks_help = any(a in ("-h", "--help") for a in args)
+    base = {} if asks_help or any(v is not None for v in sources) else dict(EMBEDDED_DEFAULT)
     ns = build_parser({**base, **file_values}).parse_args(argv)
     values = {name: getattr(ns, name) for name in _FIELDS}
     cfg = TrainConfig(**values)

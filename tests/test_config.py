@@ -238,3 +238,16 @@ def test_from_dict_coerces_and_rejects_unknown_keys():
     assert TrainConfig.from_dict({"batch-size": 8.0, "lr": "1e-3"}) == TrainConfig(batch_size=8, lr=1e-3)
     with _raises_naming("bogus"):
         TrainConfig.from_dict({"bogus": 1})
+
+
+def test_no_data_source_selects_the_embedded_default_and_help_shows_the_recipe(capsys):
+    from jumprelu_ext.config import EMBEDDED_DEFAULT
+
+    cfg = parse_args([])
+    assert cfg.model == EMBEDDED_DEFAULT["model"] and cfg.steps == EMBEDDED_DEFAULT["steps"]
+    assert parse_args(["--steps", "7"]).steps == 7  # flags override the preset
+    assert parse_args(["--activations", "x.npy"]).steps == TrainConfig().steps  # a source: the recipe
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {TrainConfig().steps})" in help_text and "embedded default" in help_text
