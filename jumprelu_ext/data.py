@@ -17,7 +17,7 @@ from .activations import (
     open_activations,
     split_holdout,
 )
-from .distributed import sum_
+from .distributed import all_gather_rows, sum_
 
 
 @dataclass
@@ -58,8 +58,8 @@ class TrainingData:
 
 def prepare_data(cfg, device: torch.device, layout) -> TrainingData:
     """Every rank gets the same held-out set and walks the same training stream, reading its
-    ``layout.data_shard`` of each batch. Under torchrun with ``--model`` every rank harvests the
-    whole text (a one-off cost); for large runs harvest once with ``python -m jumprelu_ext.cache``."""
+    ``layout.data_shard`` of each batch. Under torchrun with ``--model`` each rank harvests a
+    share of the windows and the ranks exchange their rows."""
     if cfg.activations is not None:
         return _from_files(cfg, device, layout)
     return _from_model(cfg, device, layout)
@@ -80,16 +80,16 @@ def _from_files(cfg, device, layout) -> TrainingData:
 
 
 def _from_model(cfg, device, layout) -> TrainingData:
-    from .harvest import harvest, load_model, tokenize
+    from .harvest import load_model, tokenize
     from .text import iter_texts
 
     model = load_model(cfg.model, cfg.layer, device=device)
     tokens = tokenize(model.tokenizer, iter_texts(cfg.dataset), cfg.context_length, model.is_causal_lm, cfg.max_tokens)
     # Hold out whole sequences, so no evaluated token has trained neighbours in its context.
     train_seq, eval_seq = split_holdout(tokens.input_ids.shape[0], cfg.eval_fraction, cfg.seed)
-    train_store = TensorStore(harvest(model, tokens.select(train_seq), progress=layout.is_main))
+    train_store = TensorStore(_harvest_shared(model, tokens.select(train_seq), layout))
     eval_tokens = tokens.select(eval_seq)
-    eval_store = TensorStore(harvest(model, eval_tokens))
+    eval_store = TensorStore(_harvest_shared(model, eval_tokens, layout))
     train = ShuffledBatches(train_store, cfg.batch_size, cfg.seed, device, shard=layout.data_shard)
     return TrainingData(
         train=train,
@@ -108,3 +108,13 @@ def _from_model(cfg, device, layout) -> TrainingData:
             "exclude_special_tokens": True,
         },
     )
+
+
+def _harvest_shared(model, tokens, layout) -> torch.Tensor:
+    """The activations of every window of ``tokens`` in order, each rank harvesting a contiguous
+    share of the windows and receiving the others' rows."""
+    from .harvest import harvest
+
+    bounds = np.linspace(0, len(tokens), layout.world_size + 1).astype(int)
+    share = tokens.select(slice(bounds[layout.rank], bounds[layout.rank + 1]))
+    return all_gather_rows(harvest(model, share, progress=layout.is_main), layout)

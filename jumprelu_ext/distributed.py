@@ -106,6 +106,20 @@ def all_reduce_gradients(parameters, layout: Layout) -> None:
         offset += g.numel()
 
 
+def all_gather_rows(rows: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Every rank's [n_r, d] rows, concatenated in rank order, on every rank (n_r may differ)."""
+    if layout.world_size == 1:
+        return rows
+    counts = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(layout.world_size)]
+    dist.all_gather(counts, torch.tensor([rows.shape[0]], device=rows.device))
+    counts = [int(c.item()) for c in counts]
+    padded = torch.zeros(max(counts), *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+    padded[: rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)])
+
+
 def agree(flag: bool, layout: Layout, device) -> bool:
     """True on every rank when it is true on any (e.g. one rank got SIGTERM)."""
     if layout.world_size == 1:

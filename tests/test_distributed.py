@@ -100,3 +100,20 @@ def test_sharding_needs_divisible_features(activations, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "error: --shard-features: d_sae 33 is not divisible by the world size 2" in result.stderr
+
+
+def test_ranks_share_the_harvest_and_train_as_one_process(tmp_path):
+    pytest.importorskip("transformers")
+    from _tiny_models import CORPUS, save_tiny_gpt2
+
+    model = save_tiny_gpt2(tmp_path / "gpt2")
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(CORPUS * 20))
+    model_flags = ["--model", str(model), "--layer", "1", "--dataset", str(text), "--context-length", "32",
+                   "--eval-fraction", "0.2", "--device", "cpu", "--d-sae", "64", "--batch-size", "96", "--steps", "8",
+                   "--log-every", "4", "--threshold-lr", "1e-2", "--lr", "1e-3", "--lr-warmup-steps", "2"]  # fmt: skip
+    assert train.main([*model_flags, "--out", str(tmp_path / "single")]) == 0
+    torchrun(2, [*model_flags, "--out", str(tmp_path / "two")])
+    assert_same_sae(tmp_path / "two", tmp_path / "single")
+    downstream = [json.loads((tmp_path / d / "eval.json").read_text())["downstream"] for d in ("two", "single")]
+    np.testing.assert_allclose(downstream[0]["delta_ce"], downstream[1]["delta_ce"], rtol=1e-4, atol=1e-6)
