@@ -13,7 +13,6 @@ RSS of the process on CPU, peak CUDA allocation on a GPU). The same global batch
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -89,11 +88,8 @@ def main() -> int:
             record["speedup_vs_single"] = record["tokens_per_s"] / single["tokens_per_s"]
             record["memory_vs_single"] = record["peak_mib"] / single["peak_mib"]
     print("\n".join(harness.table_lines(COLUMNS, records)))
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    harness.write_jsonl(args.out / f"{stamp}_{args.device}_distributed.jsonl", records)
-    if args.markdown:
-        body = harness.report(f"Scale-out, {env['device_name']}", env, COLUMNS, records)
-        harness.replace_section(args.markdown, f"distributed:{args.device}", body)
+    harness.publish(records, COLUMNS, env, name=f"{args.device}_distributed", title=f"Scale-out, {env['device_name']}",
+                    out_dir=args.out, markdown=args.markdown, section=f"distributed:{args.device}")  # fmt: skip
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import sys
 from pathlib import Path
 
@@ -111,11 +110,8 @@ def main() -> int:
                 record.update(env)
                 records.append(record)
                 print(harness.table_lines(COLUMNS, [record], header=False)[0])
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    harness.write_jsonl(args.out / f"{stamp}_{device.type}_train.jsonl", records)
-    if args.markdown:
-        body = harness.report(f"Training step, {env['device_name']}", env, COLUMNS, records)
-        harness.replace_section(args.markdown, f"train:{device.type}", body)
+    harness.publish(records, COLUMNS, env, name=f"{device.type}_train", title=f"Training step, {env['device_name']}",
+                    out_dir=args.out, markdown=args.markdown, section=f"train:{device.type}")  # fmt: skip
     return 0
 
 

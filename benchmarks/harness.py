@@ -158,6 +158,14 @@ def report(title: str, env: dict[str, object], columns: list[Column], records: l
     ])  # fmt: skip
 
 
+def publish(records, columns, env, *, name: str, title: str, out_dir: Path, markdown: Path | None, section: str):
+    """Write ``records`` to out_dir/<date>_<name>.jsonl and, given ``markdown``, rewrite its section."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    write_jsonl(out_dir / f"{stamp}_{name}.jsonl", records)
+    if markdown:
+        replace_section(markdown, section, report(title, env, columns, records))
+
+
 def replace_section(path: Path, section: str, body: str) -> None:
     """Rewrite the text between `<!-- section:begin -->` and `<!-- section:end -->` in path
     (appending the section if the markers are missing), leaving the rest of the file alone."""
