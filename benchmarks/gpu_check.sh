@@ -38,6 +38,11 @@ step() {
   "$python" -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
 } | tee "$out/device.txt"
 
+# No package registry there: install what is missing from wheels carried in (gpu_wheels.sh).
+if [[ -d .gpu-wheels ]]; then
+  step wheels 60 "$python" -m pip install -q --no-index --find-links .gpu-wheels \
+    safetensors tqdm pyyaml matplotlib pytest expecttest
+fi
 # The machine has no network: build in place against the torch that is there.
 step build 180 env MAX_JOBS="$(nproc)" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" FORCE_CUDA=1 \
   "$python" setup.py build_ext --inplace
