@@ -5,8 +5,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "../dispatch.h"
 #include "../kernels.h"
@@ -14,6 +19,21 @@
 
 namespace jumprelu_ext {
 namespace {
+
+// A large output is written once from scratch, so much of its time is first-touch page faults,
+// one per 4 KiB page. Advising transparent huge pages for it (2 MiB pages) cuts them 512-fold
+// where THP runs in "madvise" mode (Linux's common default); elsewhere this changes nothing.
+void advise_huge_pages(const at::Tensor& out) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  if (!out.defined() || out.nbytes() < 4 * kHugePage) return;
+  const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + out.nbytes()) & ~(kHugePage - 1);
+  // Advice only: if the kernel refuses it, the output still works with small pages.
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+}
 
 // Rows handled together so that work per task is worth a thread.
 int64_t row_grain(int64_t features) {
@@ -128,6 +148,7 @@ void backward_kernel(const BackwardArgs& a) {
 }  // namespace
 
 void forward_cpu(const ForwardArgs& args) {
+  advise_huge_pages(args.out);
   JUMPRELU_DISPATCH(args.pre, args.threshold, "jumprelu_forward_cpu", [&] {
     if (args.step) {
       forward_kernel<scalar_t, theta_t, acc_t, true, false>(args);
@@ -140,6 +161,7 @@ void forward_cpu(const ForwardArgs& args) {
 }
 
 void backward_cpu(const BackwardArgs& args) {
+  advise_huge_pages(args.grad_pre);
   JUMPRELU_DISPATCH(args.pre, args.threshold, "jumprelu_backward_cpu", [&] {
     if (!args.grad_elem.defined()) {
       backward_kernel<scalar_t, theta_t, acc_t, false, false>(args);
