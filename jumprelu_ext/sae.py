@@ -170,22 +170,22 @@ class JumpReLUSAE(nn.Module):
         pre = self.pre_acts(x)
         acts, l0 = self.activate(pre)
         out = SAEOutput(self.decode(acts), acts, l0)
-        n = x.shape[0] if num_rows is None else num_rows
+        n = x.shape[:-1].numel() if num_rows is None else num_rows  # rows = every leading index
 
         def mean(per_row):
             return per_row.float().sum() / n
 
         mse = mean((x.float() - out.reconstruction.float()).pow(2).sum(-1))
         l0_mean = mean(l0)
+        if sparsity_loss == "tanh" or pre_act_loss_coefficient:
+            dec_norms = self.W_dec.float().norm(dim=1)
         if sparsity_loss == "step":
             sparsity = l0_mean
         else:
-            dec_norms = self.W_dec.float().norm(dim=1)
             sparsity = mean(self.sum_over_features(torch.tanh(tanh_scale * acts.float().abs() * dec_norms).sum(-1)))
         total = mse + l0_coefficient * sparsity
         pre_act = torch.zeros((), device=mse.device)
         if pre_act_loss_coefficient:
-            dec_norms = self.W_dec.float().norm(dim=1)
             pre_act = mean(self.sum_over_features((F.relu(self.threshold.detach() - pre.float()) * dec_norms).sum(-1)))
             total = total + pre_act_loss_coefficient * pre_act
         return SAELoss(total, mse, l0_mean, sparsity, pre_act, out)

@@ -209,3 +209,13 @@ def test_a_feature_range_starts_as_the_same_rows_of_the_whole_sae():
     assert torch.equal(part.W_enc, whole.W_enc[:, 1500:2600])
     torch.manual_seed(4)
     assert not torch.equal(JumpReLUSAE(D_IN, 3000).W_dec, whole.W_dec)  # the global seed decides
+
+
+def test_loss_means_are_over_every_leading_index():
+    sae = make_sae(init_threshold=0.1)
+    randomize(sae)
+    x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(9))
+    flat = sae.loss(x, 0.05, sparsity_loss="tanh", pre_act_loss_coefficient=0.3)
+    stacked = sae.loss(x.view(2, BATCH // 2, D_IN), 0.05, sparsity_loss="tanh", pre_act_loss_coefficient=0.3)
+    for name in ("total", "mse", "l0", "sparsity", "pre_act"):
+        torch.testing.assert_close(getattr(stacked, name), getattr(flat, name), msg=name)
