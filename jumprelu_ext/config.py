@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 __all__ = ["CHOICES", "EMBEDDED_DEFAULT", "ConfigError", "TrainConfig", "build_parser", "load_config_file", "parse_args"]
 
@@ -292,8 +292,7 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     except ConfigError:
         raise
     except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"--config: cannot parse {path}: {msg}") from e
+        raise ConfigError(f"--config: cannot parse {path}: {first_line(e)}") from e
     return _coerce_mapping(data, source=path)
 
 

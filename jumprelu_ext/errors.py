@@ -9,11 +9,17 @@ traceback; anything else is a bug and keeps its traceback.
 
 import sys
 
-__all__ = ["UserError", "run_cli"]
+__all__ = ["UserError", "first_line", "run_cli"]
 
 
 class UserError(ValueError):
     """A problem with the user's input; the message is one line and names it."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none), for a one-line error."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def run_cli(main, argv=None) -> int:

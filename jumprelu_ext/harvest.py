@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 __all__ = [
     "ALLOW_DOWNLOAD_ENV",
@@ -92,11 +92,6 @@ class TokenBatch:
         return TokenBatch(self.input_ids[sequences], self.attention_mask[sequences], self.keep[sequences])
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _resolve(name: str) -> str:
     """The folder or hub name that transformers should load for ``name``."""
     if name == EMBEDDED_MODEL:
@@ -144,7 +139,7 @@ def _from_pretrained(auto_class, source: str, name: str, local_only: bool, **kwa
     except (OSError, ValueError, KeyError) as e:  # transformers' "not found", "not a model", bad config
         from_hub = local_only and not Path(source).is_dir()
         hint = f" (downloads are off; set {ALLOW_DOWNLOAD_ENV}=1 to allow them)" if from_hub else ""
-        raise HarvestError(f"cannot load model {name!r}: {_first_line(e)}{hint}") from e
+        raise HarvestError(f"cannot load model {name!r}: {first_line(e)}{hint}") from e
 
 
 def _check_device(device) -> torch.device:

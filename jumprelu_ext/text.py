@@ -21,7 +21,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 __all__ = ["EMBEDDED_DATASET", "TextError", "iter_texts", "load_texts"]
 
@@ -98,8 +98,7 @@ def _hub_documents(name: str) -> Iterator[str]:
     except TextError:
         raise
     except Exception as e:  # datasets raises many kinds: FileNotFoundError, ConnectionError, ValueError, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TextError(f"cannot load dataset {name!r}: {reason}") from e
+        raise TextError(f"cannot load dataset {name!r}: {first_line(e)}") from e
 
 
 def iter_texts(dataset: str) -> Iterator[str]:

@@ -222,12 +222,12 @@ def check_resumable(saved: dict, cfg) -> None:
 @torch.no_grad()
 def log_row(step, x, rows, loss, l0_coefficient, scheduler, sae, firing, data, layout, steps_per_s) -> dict:
     """The logged metrics of the global batch (collectives: every rank calls this)."""
-    # Data parallel: each rank's loss terms are its share of the global means; sum them.
-    summed = layout if layout.data_parallel else distributed.Layout()
     x = x.double()
     stats = torch.cat([torch.stack([loss.total.double(), loss.mse.double(), loss.l0.double(), x.pow(2).sum()]),
                        x.sum(0), torch.tensor([float(data.train.dropped_rows)], device=x.device, dtype=x.dtype)])  # fmt: skip
-    total, mse, l0, sum_squares, *rest = distributed.sum_(stats, summed).tolist()
+    if layout.data_parallel:  # each rank's loss terms are its share of the global means: sum them
+        distributed.sum_(stats, layout)
+    total, mse, l0, sum_squares, *rest = stats.tolist()
     *sum_x, dropped_rows = rest
     if not math.isfinite(total):
         raise UserError(f"the loss became {total} at step {step}: lower --lr / --threshold-lr")
