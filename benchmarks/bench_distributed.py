@@ -27,21 +27,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 COLUMNS = [
-    ("layout", "layout", 13, ""), ("world_size", "ranks", 5, ""), ("threads_per_rank", "threads/rank", 12, ""),
-    ("batch", "global batch", 12, ""), ("d_in", "d_in", 5, ""), ("d_sae", "d_sae", 7, ""),
-    ("ms_per_step", "ms/step", 9, ".1f"), ("tokens_per_s", "tokens/s", 9, ".0f"),
-    ("speedup_vs_single", "vs 1 rank", 9, ".2f"), ("peak_mib", "peak MiB/rank", 13, ".0f"),
+    ("layout", "layout", 13, ""),
+    ("world_size", "ranks", 5, ""),
+    ("threads_per_rank", "threads/rank", 12, ""),
+    ("batch", "global batch", 12, ""),
+    ("d_in", "d_in", 5, ""),
+    ("d_sae", "d_sae", 7, ""),
+    ("ms_per_step", "ms/step", 9, ".1f"),
+    ("tokens_per_s", "tokens/s", 9, ".0f"),
+    ("speedup_vs_single", "vs 1 rank", 9, ".2f"),
+    ("peak_mib", "peak MiB/rank", 13, ".0f"),
     ("memory_vs_single", "mem vs 1 rank", 13, ".2f"),
-]  # fmt: skip
+]
 
 
 def run(layout: str, world_size: int, args, data: Path, out: Path) -> dict:
     steps = args.steps
     flags = [
-        "--activations", str(data), "--out", str(out), "--device", args.device, "--d-sae", str(args.d_sae),
-        "--batch-size", str(args.batch), "--steps", str(steps), "--log-every", str(steps - args.warmup_steps),
-        "--checkpoint-every", "0", "--lr-warmup-steps", "1", "--threshold-lr", "1e-3", "--init-threshold", "0.01",
-    ]  # fmt: skip
+        "--activations",
+        str(data),
+        "--out",
+        str(out),
+        "--device",
+        args.device,
+        "--d-sae",
+        str(args.d_sae),
+        "--batch-size",
+        str(args.batch),
+        "--steps",
+        str(steps),
+        "--log-every",
+        str(steps - args.warmup_steps),
+        "--checkpoint-every",
+        "0",
+        "--lr-warmup-steps",
+        "1",
+        "--threshold-lr",
+        "1e-3",
+        "--init-threshold",
+        "0.01",
+    ]
     if layout == "sharded":
         flags.append("--shard-features")
     threads = max(1, (os.cpu_count() or 1) // world_size) if args.device == "cpu" else 1
@@ -49,15 +74,29 @@ def run(layout: str, world_size: int, args, data: Path, out: Path) -> dict:
     if world_size == 1:
         command = [sys.executable, "-m", "jumprelu_ext.train", *flags]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
-                   "-m", "jumprelu_ext.train", *flags]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={world_size}",
+            "-m",
+            "jumprelu_ext.train",
+            *flags,
+        ]
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     return {
-        "layout": layout, "world_size": world_size, "threads_per_rank": threads, "batch": args.batch,
-        "d_in": args.d_in, "d_sae": args.d_sae, "tokens_per_s": last["tokens_per_s"],
-        "ms_per_step": args.batch / last["tokens_per_s"] * 1e3, "peak_mib": last["peak_memory_mib"],
-    }  # fmt: skip
+        "layout": layout,
+        "world_size": world_size,
+        "threads_per_rank": threads,
+        "batch": args.batch,
+        "d_in": args.d_in,
+        "d_sae": args.d_sae,
+        "tokens_per_s": last["tokens_per_s"],
+        "ms_per_step": args.batch / last["tokens_per_s"] * 1e3,
+        "peak_mib": last["peak_memory_mib"],
+    }
 
 
 def main() -> int:
@@ -88,8 +127,16 @@ def main() -> int:
             record["speedup_vs_single"] = record["tokens_per_s"] / single["tokens_per_s"]
             record["memory_vs_single"] = record["peak_mib"] / single["peak_mib"]
     print("\n".join(harness.table_lines(COLUMNS, records)))
-    harness.publish(records, COLUMNS, env, name=f"{args.device}_distributed", title=f"Scale-out, {env['device_name']}",
-                    out_dir=args.out, markdown=args.markdown, section=f"distributed:{args.device}")  # fmt: skip
+    harness.publish(
+        records,
+        COLUMNS,
+        env,
+        name=f"{args.device}_distributed",
+        title=f"Scale-out, {env['device_name']}",
+        out_dir=args.out,
+        markdown=args.markdown,
+        section=f"distributed:{args.device}",
+    )
     return 0
 
 

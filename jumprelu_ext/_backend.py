@@ -3,6 +3,8 @@
 import os
 import warnings
 
+import torch  # noqa: F401  (loads libtorch, which the compiled extension links against)
+
 FORCE_REFERENCE_ENV = "JUMPRELU_EXT_FORCE_REFERENCE"
 
 

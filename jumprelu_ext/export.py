@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
-from .checkpoint import atomic_write_bytes
+from .files import atomic_write_bytes
 from .sae import JumpReLUSAE
 
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"

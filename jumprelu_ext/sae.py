@@ -1,4 +1,4 @@
-"""A JumpReLU sparse autoencoder built on the fused ``jumprelu_l0`` op (GUIDE.md §1)."""
+"""A JumpReLU sparse autoencoder built on the fused ``jumprelu_l0`` op (docs/method.md)."""
 
 import math
 from typing import NamedTuple

@@ -85,3 +85,12 @@ def save_tiny_bert(folder: Path) -> Path:
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def read_texts(dataset: str, max_documents: int | None = None) -> list[str]:
+    """The first ``max_documents`` (all when None) documents of ``dataset``, as a list."""
+    from itertools import islice
+
+    from jumprelu_ext.train.data.text import iter_texts
+
+    return list(islice(iter_texts(dataset), max_documents))

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import jumprelu_ext
+import jumprelu_ext.ops  # noqa: F401  (registers torch.ops.jumprelu_ext.*: import jumprelu_ext is lazy)
 from jumprelu_ext import reference
 
 HAS_CUDA = torch.cuda.is_available()
@@ -154,18 +155,18 @@ def assert_theta_grad_close(got, expected, abs_scale, theta_dtype, what="grad_th
     )
 
 
-def reference_theta_grad(pre, theta, bandwidth, grad_elem=None, elem_is_jumprelu=True, grad_row=None):
+def reference_theta_grad(pre, theta, bandwidth, grad_acts=None, step=False, grad_l0=None):
     """(reference θ-gradient, same sum over |contributions|), both evaluated on CPU."""
-    pre, theta, grad_elem, grad_row = cpu(pre), cpu(theta), cpu(grad_elem), cpu(grad_row)
-    value = reference.threshold_grad(pre, theta, bandwidth, grad_elem, elem_is_jumprelu, grad_row)
+    pre, theta, grad_acts, grad_l0 = cpu(pre), cpu(theta), cpu(grad_acts), cpu(grad_l0)
+    value = reference.threshold_grad(pre, theta, bandwidth, grad_acts, step, grad_l0)
     # θ > 0 in all tests, so |c·g| = c·|g|; the scale is computed in fp64 (never rounded to θ's dtype).
     scale = reference.threshold_grad(
         pre.double(),
         theta.double(),
         bandwidth,
-        None if grad_elem is None else grad_elem.double().abs(),
-        elem_is_jumprelu,
-        None if grad_row is None else grad_row.double().abs(),
+        None if grad_acts is None else grad_acts.double().abs(),
+        step,
+        None if grad_l0 is None else grad_l0.double().abs(),
     )
     return value, scale
 

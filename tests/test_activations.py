@@ -1,11 +1,11 @@
-"""Tests for jumprelu_ext.activations: reading shards, batching, resume, holdout, input scale."""
+"""Tests for jumprelu_ext.train.data.activations: reading shards, batching, resume, holdout, input scale."""
 
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import save_file
 
-from jumprelu_ext.activations import (
+from jumprelu_ext.train.data.activations import (
     ActivationError,
     ShuffledBatches,
     estimate_scale,
@@ -38,6 +38,7 @@ def mixed_folder(tmp_path):
 
 
 # ---------- reading ----------
+
 
 def test_read_npy(tmp_path):
     data = np.random.default_rng(0).standard_normal((20, 3)).astype(np.float16)
@@ -83,6 +84,7 @@ def test_rows_out_of_range(mixed_folder):
 
 
 # ---------- errors ----------
+
 
 def test_missing_path(tmp_path):
     with pytest.raises(ActivationError, match=r"nope\.npy.*no such file"):
@@ -160,6 +162,7 @@ def test_expected_d_in(mixed_folder):
 
 
 # ---------- batches ----------
+
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_batches_cover_each_row_once_per_epoch(mixed_folder, device):
@@ -264,6 +267,7 @@ def test_bad_arguments(mixed_folder):
 
 # ---------- holdout ----------
 
+
 def test_holdout_disjoint_covering_and_restricts_batches(mixed_folder):
     store = open_activations(mixed_folder)
     train, held = split_holdout(store, 0.25, seed=5)
@@ -279,6 +283,7 @@ def test_holdout_disjoint_covering_and_restricts_batches(mixed_folder):
 
 
 # ---------- input scale ----------
+
 
 def test_estimate_scale(tmp_path):
     rng = np.random.default_rng(0)

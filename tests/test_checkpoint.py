@@ -10,14 +10,13 @@ import torch
 from safetensors import safe_open
 
 from jumprelu_ext import JumpReLUSAE
-from jumprelu_ext.checkpoint import (
+from jumprelu_ext.export import load_sae, save_sae
+from jumprelu_ext.train.checkpoint import (
     capture_rng_state,
-    latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
-from jumprelu_ext.export import load_sae, save_sae
 
 
 def _tiny_state(step=0, value=0.0):
@@ -47,12 +46,6 @@ def test_atomic_save_leaves_no_temp_files(tmp_path):
     save_checkpoint(p, _tiny_state(2))
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
     assert load_checkpoint(p)["step"] == 2
-    assert latest_checkpoint(tmp_path) == p
-
-
-def test_latest_checkpoint_none(tmp_path):
-    assert latest_checkpoint(tmp_path) is None
-    assert latest_checkpoint(tmp_path / "missing") is None
 
 
 def test_crash_during_replace_keeps_old_checkpoint(tmp_path, monkeypatch):
@@ -191,8 +184,13 @@ def test_fold_back_saved_sae_on_raw_equals_trained_on_scaled(tmp_path, threshold
 
 def test_export_cfg_and_safetensors_layout(tmp_path):
     sae = _random_sae(2)
-    extra = {"model_name": "gpt2", "hook_name": "blocks.6.hook_resid_post", "layer": 6,
-             "training": {"lr": 7e-5, "steps": 1000}, "architecture": "should-not-clash"}
+    extra = {
+        "model_name": "gpt2",
+        "hook_name": "blocks.6.hook_resid_post",
+        "layer": 6,
+        "training": {"lr": 7e-5, "steps": 1000},
+        "architecture": "should-not-clash",
+    }
     save_sae(sae, tmp_path, input_scale=2.0, extra_cfg=extra)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     assert cfg["architecture"] == "jumprelu"

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from jumprelu_ext.config import ConfigError, TrainConfig, build_parser, load_config_file, parse_args
+from jumprelu_ext.train.config import ConfigError, TrainConfig, build_parser, load_config_file, parse_args
 
 FIELDS = dataclasses.fields(TrainConfig)
 ACTS = ["--activations", "acts.npy"]  # a data source, so parse_args' validation passes
@@ -63,20 +63,74 @@ def test_defaults_match_the_dataclass():
 def test_flags_parse_to_field_types():
     cfg = parse_args(
         [
-            "--model", "gpt2", "--dataset", "text.txt", "--layer", "6", "--context-length", "64",
-            "--d-sae", "1024", "--steps", "50", "--batch-size", "32", "--lr", "1e-4",
-            "--lr-decay", "cosine", "--l0-coefficient", "2", "--bandwidth", "0.05",
-            "--threshold-param", "raw", "--threshold-lr", "0.01", "--sparsity-loss", "tanh",
-            "--device", "cuda:1", "--dtype", "bfloat16", "--seed", "7", "--out", "runs/x",
-            "--resume", "--no-tensorboard", "--eval-fraction", "0.1", "--wandb", "proj",
+            "--model",
+            "gpt2",
+            "--dataset",
+            "text.txt",
+            "--layer",
+            "6",
+            "--context-length",
+            "64",
+            "--d-sae",
+            "1024",
+            "--steps",
+            "50",
+            "--batch-size",
+            "32",
+            "--lr",
+            "1e-4",
+            "--lr-decay",
+            "cosine",
+            "--l0-coefficient",
+            "2",
+            "--bandwidth",
+            "0.05",
+            "--threshold-param",
+            "raw",
+            "--threshold-lr",
+            "0.01",
+            "--sparsity-loss",
+            "tanh",
+            "--device",
+            "cuda:1",
+            "--dtype",
+            "bfloat16",
+            "--seed",
+            "7",
+            "--out",
+            "runs/x",
+            "--resume",
+            "--no-tensorboard",
+            "--eval-fraction",
+            "0.1",
+            "--wandb",
+            "proj",
         ]
     )
     expected = {
-        "model": "gpt2", "dataset": "text.txt", "layer": 6, "context_length": 64, "d_sae": 1024,
-        "steps": 50, "batch_size": 32, "lr": 1e-4, "lr_decay": "cosine", "l0_coefficient": 2.0,
-        "bandwidth": 0.05, "threshold_param": "raw", "threshold_lr": 0.01, "sparsity_loss": "tanh",
-        "device": "cuda:1", "dtype": "bfloat16", "seed": 7, "out": "runs/x", "resume": True,
-        "tensorboard": False, "eval_fraction": 0.1, "wandb": "proj", "activations": None,
+        "model": "gpt2",
+        "dataset": "text.txt",
+        "layer": 6,
+        "context_length": 64,
+        "d_sae": 1024,
+        "steps": 50,
+        "batch_size": 32,
+        "lr": 1e-4,
+        "lr_decay": "cosine",
+        "l0_coefficient": 2.0,
+        "bandwidth": 0.05,
+        "threshold_param": "raw",
+        "threshold_lr": 0.01,
+        "sparsity_loss": "tanh",
+        "device": "cuda:1",
+        "dtype": "bfloat16",
+        "seed": 7,
+        "out": "runs/x",
+        "resume": True,
+        "tensorboard": False,
+        "eval_fraction": 0.1,
+        "wandb": "proj",
+        "activations": None,
     }
     for name, value in expected.items():
         got = getattr(cfg, name)
@@ -118,7 +172,11 @@ YAML_CONFIG = "steps: 200\nlr: 1e-3\nlr-decay: cosine\nresume: yes\nactivations:
 def test_config_file_sets_values_and_flags_override(tmp_path, name, text):
     path = _write(tmp_path, name, text)
     assert load_config_file(path) == {
-        "steps": 200, "lr": 1e-3, "lr_decay": "cosine", "resume": True, "activations": "a.npy"
+        "steps": 200,
+        "lr": 1e-3,
+        "lr_decay": "cosine",
+        "resume": True,
+        "activations": "a.npy",
     }
 
     cfg = parse_args(["--config", str(path)])
@@ -182,16 +240,43 @@ _VALID = TrainConfig(activations="acts.npy")
 @pytest.mark.parametrize(
     "name, value",
     [
-        ("steps", 0), ("steps", -1), ("batch_size", 0), ("batch_size", -8), ("expansion_factor", 0),
-        ("context_length", 0), ("log_every", 0), ("d_sae", 0),
-        ("lr_warmup_steps", -1), ("sparsity_warmup_steps", -1), ("checkpoint_every", -1),
-        ("lr", 0.0), ("lr", -1e-4), ("lr", math.nan), ("lr", math.inf),
-        ("threshold_lr", 0.0), ("threshold_lr", math.nan),
-        ("l0_coefficient", -1.0), ("l0_coefficient", math.nan), ("pre_act_loss_coefficient", -0.1),
-        ("bandwidth", 0.0), ("bandwidth", -1e-3), ("bandwidth", math.nan), ("init_threshold", 0.0),
-        ("eval_fraction", 0.0), ("eval_fraction", 1.0), ("eval_fraction", 1.5), ("eval_fraction", math.nan),
-        ("lr_decay", "linear"), ("threshold_param", "exp"), ("sparsity_loss", "l1"), ("dtype", "float16"),
-        ("device", "gpu"), ("device", "cuda:"), ("device", "cuda:x"), ("device", "CPU"), ("device", ""),
+        ("steps", 0),
+        ("steps", -1),
+        ("batch_size", 0),
+        ("batch_size", -8),
+        ("expansion_factor", 0),
+        ("context_length", 0),
+        ("log_every", 0),
+        ("d_sae", 0),
+        ("lr_warmup_steps", -1),
+        ("sparsity_warmup_steps", -1),
+        ("checkpoint_every", -1),
+        ("lr", 0.0),
+        ("lr", -1e-4),
+        ("lr", math.nan),
+        ("lr", math.inf),
+        ("threshold_lr", 0.0),
+        ("threshold_lr", math.nan),
+        ("l0_coefficient", -1.0),
+        ("l0_coefficient", math.nan),
+        ("pre_act_loss_coefficient", -0.1),
+        ("bandwidth", 0.0),
+        ("bandwidth", -1e-3),
+        ("bandwidth", math.nan),
+        ("init_threshold", 0.0),
+        ("eval_fraction", 0.0),
+        ("eval_fraction", 1.0),
+        ("eval_fraction", 1.5),
+        ("eval_fraction", math.nan),
+        ("lr_decay", "linear"),
+        ("threshold_param", "exp"),
+        ("sparsity_loss", "l1"),
+        ("dtype", "float16"),
+        ("device", "gpu"),
+        ("device", "cuda:"),
+        ("device", "cuda:x"),
+        ("device", "CPU"),
+        ("device", ""),
     ],
 )
 def test_validate_rejects_bad_value_naming_the_flag(name, value):
@@ -207,8 +292,13 @@ def test_validate_accepts_device(device):
 
 def test_validate_accepts_edge_values():
     dataclasses.replace(
-        _VALID, lr_warmup_steps=0, sparsity_warmup_steps=0, checkpoint_every=0, l0_coefficient=0.0,
-        eval_fraction=1e-6, d_sae=1,
+        _VALID,
+        lr_warmup_steps=0,
+        sparsity_warmup_steps=0,
+        checkpoint_every=0,
+        l0_coefficient=0.0,
+        eval_fraction=1e-6,
+        d_sae=1,
     ).validate()
 
 
@@ -241,7 +331,7 @@ def test_from_dict_coerces_and_rejects_unknown_keys():
 
 
 def test_no_data_source_selects_the_embedded_default_and_help_shows_the_recipe(capsys):
-    from jumprelu_ext.config import EMBEDDED_DEFAULT
+    from jumprelu_ext.train.config import EMBEDDED_DEFAULT
 
     cfg = parse_args([])
     assert cfg.model == EMBEDDED_DEFAULT["model"] and cfg.steps == EMBEDDED_DEFAULT["steps"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from jumprelu_ext import train
+from jumprelu_ext.train import loop as train
 
 D_IN, D_SAE = 16, 32
 
@@ -28,18 +28,54 @@ def activations(tmp_path_factory):
 
 def flags(activations, out, *extra):
     return [
-        "--activations", str(activations), "--out", str(out), "--d-sae", str(D_SAE), "--batch-size", "128",
-        "--steps", "12", "--lr", "1e-3", "--lr-warmup-steps", "2", "--sparsity-warmup-steps", "4",
-        "--threshold-lr", "1e-2", "--init-threshold", "0.05", "--bandwidth", "0.05", "--log-every", "4",
-        "--checkpoint-every", "3", "--device", "cpu", "--sparsity-loss", "tanh", "--pre-act-loss-coefficient", "0.01",
+        "--activations",
+        str(activations),
+        "--out",
+        str(out),
+        "--d-sae",
+        str(D_SAE),
+        "--batch-size",
+        "128",
+        "--steps",
+        "12",
+        "--lr",
+        "1e-3",
+        "--lr-warmup-steps",
+        "2",
+        "--sparsity-warmup-steps",
+        "4",
+        "--threshold-lr",
+        "1e-2",
+        "--init-threshold",
+        "0.05",
+        "--bandwidth",
+        "0.05",
+        "--log-every",
+        "4",
+        "--checkpoint-every",
+        "3",
+        "--device",
+        "cpu",
+        "--sparsity-loss",
+        "tanh",
+        "--pre-act-loss-coefficient",
+        "0.01",
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 def torchrun(nproc, args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "jumprelu_ext.train", *args]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "jumprelu_ext.train",
+        *args,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -95,8 +131,16 @@ def test_checkpoints_move_between_world_sizes(activations, single, tmp_path, lay
 
 
 def test_sharding_needs_divisible_features(activations, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               "-m", "jumprelu_ext.train", *flags(activations, tmp_path / "o", "--shard-features", "--d-sae", "33")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "jumprelu_ext.train",
+        *flags(activations, tmp_path / "o", "--shard-features", "--d-sae", "33"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "error: --shard-features: d_sae 33 is not divisible by the world size 2" in result.stderr
@@ -109,9 +153,34 @@ def test_ranks_share_the_harvest_and_train_as_one_process(tmp_path):
     model = save_tiny_gpt2(tmp_path / "gpt2")
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(CORPUS * 20))
-    model_flags = ["--model", str(model), "--layer", "1", "--dataset", str(text), "--context-length", "32",
-                   "--eval-fraction", "0.2", "--device", "cpu", "--d-sae", "64", "--batch-size", "96", "--steps", "8",
-                   "--log-every", "4", "--threshold-lr", "1e-2", "--lr", "1e-3", "--lr-warmup-steps", "2"]  # fmt: skip
+    model_flags = [
+        "--model",
+        str(model),
+        "--layer",
+        "1",
+        "--dataset",
+        str(text),
+        "--context-length",
+        "32",
+        "--eval-fraction",
+        "0.2",
+        "--device",
+        "cpu",
+        "--d-sae",
+        "64",
+        "--batch-size",
+        "96",
+        "--steps",
+        "8",
+        "--log-every",
+        "4",
+        "--threshold-lr",
+        "1e-2",
+        "--lr",
+        "1e-3",
+        "--lr-warmup-steps",
+        "2",
+    ]
     assert train.main([*model_flags, "--out", str(tmp_path / "single")]) == 0
     torchrun(2, [*model_flags, "--out", str(tmp_path / "two")])
     assert_same_sae(tmp_path / "two", tmp_path / "single")

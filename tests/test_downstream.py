@@ -10,9 +10,10 @@ import torch
 pytest.importorskip("transformers")
 
 from _tiny_models import CORPUS, save_tiny_bert, save_tiny_gpt2
-from jumprelu_ext.downstream import downstream_eval
-from jumprelu_ext.harvest import HarvestError, load_model, tokenize
+
 from jumprelu_ext.sae import JumpReLUSAE
+from jumprelu_ext.train.data.harvest import HarvestError, load_model, tokenize
+from jumprelu_ext.train.report.downstream import downstream_eval
 
 CAUSAL_KEYS = {"kind", "ce_clean", "ce_spliced", "ce_zero_ablation", "delta_ce", "ce_loss_recovered"}
 

@@ -1,7 +1,7 @@
 """The straight-through θ-gradient is a kernel density estimate of ∂E_x[L]/∂θ (paper, Appendix B).
 
 For one sample the JumpReLU SAE loss is piecewise constant in θ, but its expectation over the
-data is smooth, and (GUIDE.md §1)
+data is smooth, and (docs/method.md#why-the-estimator-is-right)
 
     ∂E[L]/∂θ = (E[I(x) | z = θ] − λ) · p(θ),
 

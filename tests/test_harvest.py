@@ -8,8 +8,9 @@ import torch
 # transformers is a dependency here and in CI; the bare GPU machine may lack it.
 pytest.importorskip("transformers")
 
-from _tiny_models import CORPUS, save_tiny_bert, save_tiny_gpt2
-from jumprelu_ext.harvest import (
+from _tiny_models import CORPUS, read_texts, save_tiny_bert, save_tiny_gpt2
+
+from jumprelu_ext.train.data.harvest import (
     ALLOW_DOWNLOAD_ENV,
     EMBEDDED_MODEL,
     HarvestError,
@@ -18,7 +19,7 @@ from jumprelu_ext.harvest import (
     splice,
     tokenize,
 )
-from jumprelu_ext.text import EMBEDDED_DATASET, TextError, load_texts
+from jumprelu_ext.train.data.text import EMBEDDED_DATASET, TextError
 
 
 @pytest.fixture(scope="module")
@@ -41,21 +42,21 @@ def windows(loaded, context_length=16, texts=CORPUS, **kwargs):
 def test_pydoc_topics_is_one_document_per_topic_in_key_order():
     from pydoc_data.topics import topics
 
-    texts = load_texts(EMBEDDED_DATASET)
+    texts = read_texts(EMBEDDED_DATASET)
     assert texts == [topics[k] for k in sorted(topics)]
-    assert load_texts(EMBEDDED_DATASET, max_documents=3) == texts[:3]
+    assert read_texts(EMBEDDED_DATASET, max_documents=3) == texts[:3]
 
 
 def test_txt_documents_are_separated_by_blank_lines(tmp_path):
     path = tmp_path / "docs.txt"
     path.write_text("first doc\nstill first\n\n \nsecond doc\n\n\n\nthird\n")
-    assert load_texts(str(path)) == ["first doc\nstill first", "second doc", "third"]
+    assert read_texts(str(path)) == ["first doc\nstill first", "second doc", "third"]
 
 
 def test_jsonl_reads_the_text_field_and_skips_blank_lines(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text(json.dumps({"text": "one", "id": 1}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
-    assert load_texts(str(path)) == ["one", "two"]
+    assert read_texts(str(path)) == ["one", "two"]
 
 
 @pytest.mark.parametrize(
@@ -72,22 +73,22 @@ def test_bad_jsonl_names_file_and_line(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
     with pytest.raises(TextError, match=message) as info:
-        load_texts(str(path))
+        read_texts(str(path))
     assert str(path) in str(info.value)
 
 
 def test_missing_and_unsupported_files(tmp_path):
     with pytest.raises(TextError, match="no such file"):
-        load_texts(str(tmp_path / "missing.txt"))
+        read_texts(str(tmp_path / "missing.txt"))
     with pytest.raises(TextError, match="unsupported text file"):
-        load_texts(str(tmp_path))
+        read_texts(str(tmp_path))
 
 
 def test_hub_dataset_failure_is_a_one_line_user_error(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(TextError, match="nobody/no-such-dataset") as info:
-        load_texts("nobody/no-such-dataset")
+        read_texts("nobody/no-such-dataset")
     assert "\n" not in str(info.value)
 
 
@@ -145,7 +146,7 @@ def test_encoder_windows_are_cls_text_sep(bert_folder):
     lengths = tokens.attention_mask.sum(dim=1)
     for row, n, keep in zip(tokens.input_ids, lengths, tokens.keep):
         assert row[0] == tok.cls_token_id and row[n - 1] == tok.sep_token_id
-        assert keep[1 : n - 1].all() and not keep[0] and not keep[n - 1:].any()
+        assert keep[1 : n - 1].all() and not keep[0] and not keep[n - 1 :].any()
     with pytest.raises(HarvestError, match="no room for text"):
         windows(loaded, context_length=2)
 
@@ -215,7 +216,7 @@ def test_splice_replaces_the_block_output_only_while_active(gpt2):
 def test_embedded_minilm():
     loaded = load_model(EMBEDDED_MODEL, layer=3)
     assert (len(loaded.layers), loaded.d_model, loaded.is_causal_lm) == (6, 384, False)
-    tokens = windows(loaded, context_length=128, texts=load_texts(EMBEDDED_DATASET, max_documents=2), max_tokens=300)
+    tokens = windows(loaded, context_length=128, texts=read_texts(EMBEDDED_DATASET, max_documents=2), max_tokens=300)
     tok = loaded.tokenizer
     assert (tokens.input_ids[:, 0] == tok.cls_token_id).all()
     assert not torch.isin(tokens.input_ids[tokens.keep], torch.tensor(tok.all_special_ids)).any()

@@ -1,16 +1,15 @@
-"""Tests for jumprelu_ext.metrics and jumprelu_ext.plots."""
+"""Tests for jumprelu_ext.train.report.metrics and jumprelu_ext.plots."""
 
 import math
 import os
 
 import pytest
 import torch
-
-from jumprelu_ext.metrics import FiringTracker, density_histogram, evaluate
-from jumprelu_ext.plots import plot_curves, plot_density
-from jumprelu_ext.sae import JumpReLUSAE
-
 from conftest import DEVICES
+
+from jumprelu_ext.sae import JumpReLUSAE
+from jumprelu_ext.train.report.metrics import FiringTracker, density_histogram, evaluate
+from jumprelu_ext.train.report.plots import plot_curves, plot_density
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

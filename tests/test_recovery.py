@@ -8,8 +8,8 @@ have, for every true feature on average, a decoder row with cosine similarity â‰
 
 import numpy as np
 
-from jumprelu_ext import train
 from jumprelu_ext.export import load_sae
+from jumprelu_ext.train import loop as train
 
 D_IN, N_TRUE, N_SAMPLES = 24, 48, 40_000
 
@@ -27,11 +27,35 @@ def test_sae_recovers_ground_truth_features(tmp_path):
     features, x = superposition_data()
     np.save(tmp_path / "x.npy", x)
     flags = [
-        "--activations", str(tmp_path / "x.npy"), "--out", str(tmp_path / "run"), "--device", "cpu",
-        "--d-sae", "96", "--batch-size", "256", "--steps", "1500", "--lr", "3e-3", "--lr-warmup-steps", "50",
-        "--l0-coefficient", "3e-2", "--sparsity-warmup-steps", "300", "--threshold-lr", "1e-2",
-        "--init-threshold", "0.1", "--bandwidth", "0.05", "--log-every", "250",
-    ]  # fmt: skip
+        "--activations",
+        str(tmp_path / "x.npy"),
+        "--out",
+        str(tmp_path / "run"),
+        "--device",
+        "cpu",
+        "--d-sae",
+        "96",
+        "--batch-size",
+        "256",
+        "--steps",
+        "1500",
+        "--lr",
+        "3e-3",
+        "--lr-warmup-steps",
+        "50",
+        "--l0-coefficient",
+        "3e-2",
+        "--sparsity-warmup-steps",
+        "300",
+        "--threshold-lr",
+        "1e-2",
+        "--init-threshold",
+        "0.1",
+        "--bandwidth",
+        "0.05",
+        "--log-every",
+        "250",
+    ]
     assert train.main(flags) == 0
 
     decoder = load_sae(tmp_path / "run").W_dec.detach().double().numpy()

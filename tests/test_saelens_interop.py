@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from jumprelu_ext import train
 from jumprelu_ext.export import load_sae
+from jumprelu_ext.train import loop as train
 
 sae_lens = pytest.importorskip("sae_lens")
 
@@ -19,8 +19,24 @@ def test_sae_lens_loads_the_trained_sae(tmp_path):
     x = (rng.normal(size=(2000, 16)) * 3.0 + 1.0).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     out = tmp_path / "run"
-    flags = ["--activations", str(tmp_path / "x.npy"), "--out", str(out), "--d-sae", "64", "--batch-size", "128",
-             "--steps", "20", "--threshold-lr", "1e-2", "--init-threshold", "0.05", "--device", "cpu"]  # fmt: skip
+    flags = [
+        "--activations",
+        str(tmp_path / "x.npy"),
+        "--out",
+        str(out),
+        "--d-sae",
+        "64",
+        "--batch-size",
+        "128",
+        "--steps",
+        "20",
+        "--threshold-lr",
+        "1e-2",
+        "--init-threshold",
+        "0.05",
+        "--device",
+        "cpu",
+    ]
     assert train.main(flags) == 0
 
     theirs = sae_lens.SAE.load_from_disk(str(out), device="cpu")

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from jumprelu_ext.config import CHOICES
-from jumprelu_ext.schedules import DECAYS, l0_coefficient_at, lr_factor
+from jumprelu_ext.train.config import CHOICES
+from jumprelu_ext.train.schedules import DECAYS, l0_coefficient_at, lr_factor
 
 
 @pytest.mark.parametrize("decay", DECAYS)
@@ -67,7 +67,8 @@ def test_l0_coefficient_without_warmup():
 
 
 @pytest.mark.parametrize(
-    "args", [(-1, 1.0, 10), (0, 1.0, -1), (0.5, 1.0, 10), (0, -1.0, 10), (0, math.nan, 10), (0, math.inf, 10), (0, "1", 10)]
+    "args",
+    [(-1, 1.0, 10), (0, 1.0, -1), (0.5, 1.0, 10), (0, -1.0, 10), (0, math.nan, 10), (0, math.inf, 10), (0, "1", 10)],
 )
 def test_l0_coefficient_bad_arguments(args):
     with pytest.raises(ValueError):

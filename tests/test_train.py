@@ -11,20 +11,43 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from jumprelu_ext import train
-from jumprelu_ext.activations import ShuffledBatches
 from jumprelu_ext.export import load_sae
+from jumprelu_ext.train import loop as train
+from jumprelu_ext.train.data.activations import ShuffledBatches
 
 D_IN = 16
 
 
 def small_run_flags(activations, out, *extra):
     return [
-        "--activations", str(activations), "--out", str(out), "--d-sae", "32", "--batch-size", "64",
-        "--steps", "12", "--lr", "1e-3", "--lr-warmup-steps", "2", "--sparsity-warmup-steps", "4",
-        "--threshold-lr", "1e-2", "--init-threshold", "0.05", "--bandwidth", "0.05", "--log-every", "2",
-        "--device", "cpu", *extra,
-    ]  # fmt: skip
+        "--activations",
+        str(activations),
+        "--out",
+        str(out),
+        "--d-sae",
+        "32",
+        "--batch-size",
+        "64",
+        "--steps",
+        "12",
+        "--lr",
+        "1e-3",
+        "--lr-warmup-steps",
+        "2",
+        "--sparsity-warmup-steps",
+        "4",
+        "--threshold-lr",
+        "1e-2",
+        "--init-threshold",
+        "0.05",
+        "--bandwidth",
+        "0.05",
+        "--log-every",
+        "2",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 @pytest.fixture
@@ -110,8 +133,9 @@ def test_interrupted_run_resumes_to_the_same_weights(activations, tmp_path, monk
 
 def run_cli(*args, env_extra=None):
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "jumprelu_ext.train", *args], capture_output=True, text=True, env=env,
-                          timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "jumprelu_ext.train", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def assert_one_line_error(result, *fragments):
@@ -151,11 +175,34 @@ def test_resume_refuses_a_different_run(activations, tmp_path):
 def test_help_lists_the_contract_flags():
     result = run_cli("--help")
     assert result.returncode == 0
-    for flag in ("--activations", "--model", "--layer", "--dataset", "--context-length", "--d-sae",
-                 "--expansion-factor", "--steps", "--batch-size", "--lr", "--lr-warmup-steps", "--l0-coefficient",
-                 "--sparsity-warmup-steps", "--bandwidth", "--init-threshold", "--device", "--dtype", "--seed",
-                 "--out", "--checkpoint-every", "--resume", "--threshold-lr", "--threshold-param",
-                 "--sparsity-loss", "--pre-act-loss-coefficient", "--config"):  # fmt: skip
+    for flag in (
+        "--activations",
+        "--model",
+        "--layer",
+        "--dataset",
+        "--context-length",
+        "--d-sae",
+        "--expansion-factor",
+        "--steps",
+        "--batch-size",
+        "--lr",
+        "--lr-warmup-steps",
+        "--l0-coefficient",
+        "--sparsity-warmup-steps",
+        "--bandwidth",
+        "--init-threshold",
+        "--device",
+        "--dtype",
+        "--seed",
+        "--out",
+        "--checkpoint-every",
+        "--resume",
+        "--threshold-lr",
+        "--threshold-param",
+        "--sparsity-loss",
+        "--pre-act-loss-coefficient",
+        "--config",
+    ):
         assert flag in result.stdout, flag
 
 
@@ -174,10 +221,38 @@ def tiny_gpt2_and_text(tmp_path_factory):
 def test_trains_from_a_model_and_reports_the_downstream_cost(tmp_path, tiny_gpt2_and_text):
     model, text = tiny_gpt2_and_text
     out = tmp_path / "run"
-    flags = ["--model", str(model), "--layer", "0", "--dataset", str(text), "--context-length", "32",
-             "--d-sae", "64", "--batch-size", "128", "--steps", "20", "--log-every", "10", "--threshold-lr", "1e-2",
-             "--lr", "1e-3", "--lr-warmup-steps", "2", "--sparsity-warmup-steps", "5", "--out", str(out),
-             "--eval-fraction", "0.2", "--device", "cpu"]  # fmt: skip
+    flags = [
+        "--model",
+        str(model),
+        "--layer",
+        "0",
+        "--dataset",
+        str(text),
+        "--context-length",
+        "32",
+        "--d-sae",
+        "64",
+        "--batch-size",
+        "128",
+        "--steps",
+        "20",
+        "--log-every",
+        "10",
+        "--threshold-lr",
+        "1e-2",
+        "--lr",
+        "1e-3",
+        "--lr-warmup-steps",
+        "2",
+        "--sparsity-warmup-steps",
+        "5",
+        "--out",
+        str(out),
+        "--eval-fraction",
+        "0.2",
+        "--device",
+        "cpu",
+    ]
     assert train.main(flags) == 0
     results = json.loads((out / "eval.json").read_text())
     downstream = results["downstream"]
@@ -203,8 +278,24 @@ def test_trains_on_shards_written_by_the_cache_cli(tmp_path, tiny_gpt2_and_text)
 
     model, text = tiny_gpt2_and_text
     shards = tmp_path / "shards"
-    cache.main(["--model", str(model), "--layer", "1", "--dataset", str(text), "--context-length", "32",
-                "--out", str(shards), "--shard-tokens", "500", "--device", "cpu"])  # fmt: skip
+    cache.main(
+        [
+            "--model",
+            str(model),
+            "--layer",
+            "1",
+            "--dataset",
+            str(text),
+            "--context-length",
+            "32",
+            "--out",
+            str(shards),
+            "--shard-tokens",
+            "500",
+            "--device",
+            "cpu",
+        ]
+    )
     assert len(list(shards.glob("*.safetensors"))) > 1
     out = tmp_path / "run"
     assert train.main(small_run_flags(shards, out)) == 0

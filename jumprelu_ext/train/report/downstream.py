@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .harvest import HarvestError, LoadedModel, TokenBatch, model_batches, splice
+from ..data.harvest import HarvestError, LoadedModel, TokenBatch, model_batches, splice
 
 __all__ = ["downstream_eval"]
 

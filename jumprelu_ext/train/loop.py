@@ -1,7 +1,8 @@
 """Train a JumpReLU sparse autoencoder: ``python -m jumprelu_ext.train --help``.
 
 Reads top to bottom: configuration, data, SAE and optimiser, resume, the training loop,
-evaluation and the report. The recipe is Rajamanoharan et al. 2024 (GUIDE.md §1).
+evaluation and the report. The recipe and its deviations: docs/method.md#the-training-recipe;
+the design: docs/trainer.md.
 """
 
 from __future__ import annotations
@@ -12,43 +13,49 @@ import resource
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from . import distributed
-from .checkpoint import (
-    CHECKPOINT_NAME,
-    atomic_write_bytes,
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
+from ..export import save_sae
+from ..files import atomic_write_bytes
+from ..sae import SAELoss
+from . import distributed, sharding
+from .checkpoint import CHECKPOINT_NAME, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import parse_args
-from .data import prepare_data
-from .errors import UserError, run_cli
-from .export import save_sae
+from .data.prepare import prepare_data
+from .errors import UserError
 from .interrupt import StopRequest
-from .metrics import FiringTracker, evaluate
-from .plots import plot_curves, plot_density
-from .run_log import RunLog, check_logging_extras
+from .report.metrics import FiringTracker, evaluate
+from .report.plots import plot_curves, plot_density
+from .report.run_log import RunLog, check_logging_extras
 from .schedules import l0_coefficient_at, lr_factor
 
 DENSE_RATE = 0.1  # a feature firing on more than this fraction of tokens counts as dense
 
 # A checkpoint resumes only a run with the same model, data stream and schedule shape.
 RESUME_MUST_MATCH = (
-    "activations", "model", "layer", "dataset", "context_length", "max_tokens", "d_sae", "expansion_factor",
-    "batch_size", "seed", "threshold_param", "eval_fraction",
-)  # fmt: skip
+    "activations",
+    "model",
+    "layer",
+    "dataset",
+    "context_length",
+    "max_tokens",
+    "d_sae",
+    "expansion_factor",
+    "batch_size",
+    "seed",
+    "threshold_param",
+    "eval_fraction",
+)
 
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     # Under torchrun: join the process group (one rank per process); alone: a world of one.
-    layout, device = distributed.init(cfg.device, cfg.shard_features, resolve_device)
+    layout, device = distributed.init(cfg.device, cfg.shard_features)
     try:
         status = train(cfg, layout, device)
         distributed.finish(layout)
@@ -71,20 +78,30 @@ def train(cfg, layout, device) -> int:
     # ---------------------------------------------------------------- data
     data = prepare_data(cfg, device, layout)
     d_sae = cfg.d_sae or data.d_in * cfg.expansion_factor
-    say(f"training on {data.d_in}-dim activations ({data.train.indices.size} training rows, "
-        f"{data.eval_indices.size} held out), input scale {data.input_scale:.4g}, d_sae {d_sae}"
-        + (f", {layout.world_size} ranks, {'features sharded' if layout.sharded else 'data parallel'}"
-           if layout.world_size > 1 else ""))  # fmt: skip
+    ranks = f", {layout.world_size} ranks, {layout.description}" if layout.world_size > 1 else ""
+    say(
+        f"training on {data.d_in}-dim activations ({data.train.indices.size} training rows, "
+        f"{data.eval_indices.size} held out), input scale {data.input_scale:.4g}, d_sae {d_sae}{ranks}"
+    )
 
     # ---------------------------------------------------------------- SAE and optimiser
-    sae = distributed.build_sae(data.d_in, d_sae, layout, device, bandwidth=cfg.bandwidth,
-                                init_threshold=cfg.init_threshold, threshold_param=cfg.threshold_param)  # fmt: skip
+    sae = sharding.build_sae(
+        data.d_in,
+        d_sae,
+        layout,
+        device,
+        bandwidth=cfg.bandwidth,
+        init_threshold=cfg.init_threshold,
+        threshold_param=cfg.threshold_param,
+    )
     theta = sae.log_threshold if cfg.threshold_param == "log" else sae.get_parameter("threshold")
     weights = [p for p in sae.parameters() if p is not theta]
     optimizer = torch.optim.Adam(
         [{"params": weights}, {"params": [theta], "lr": cfg.threshold_lr or cfg.lr}],
-        lr=cfg.lr, betas=(0.0, 0.999), eps=1e-8,
-    )  # fmt: skip
+        lr=cfg.lr,
+        betas=(0.0, 0.999),
+        eps=1e-8,
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.lr_warmup_steps, cfg.steps, cfg.lr_decay)
     )
@@ -97,8 +114,9 @@ def train(cfg, layout, device) -> int:
     if cfg.resume and checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path)  # memory-mapped on the CPU: a shard reads its part
         check_resumable(state["config"], cfg)
-        sae_state, optimizer_state = distributed.shard_states(state["sae"], state["optimizer"], sae, optimizer,
-                                                              layout, d_sae)  # fmt: skip
+        sae_state, optimizer_state = sharding.shard_states(
+            state["sae"], state["optimizer"], sae, optimizer, layout, d_sae
+        )
         sae.load_state_dict(sae_state)
         optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(state["scheduler"])
@@ -113,13 +131,21 @@ def train(cfg, layout, device) -> int:
 
     def checkpoint():
         # Always the whole SAE in the single-process format: resumable at any world size.
-        sae_state, optimizer_state = distributed.gather_states(sae, optimizer, layout)
+        sae_state, optimizer_state = sharding.gather_states(sae, optimizer, layout)
         if layout.is_main:
-            save_checkpoint(checkpoint_path, {
-                "sae": sae_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                "step": step, "data": data.train.state_dict(), "input_scale": data.input_scale,
-                "rng": capture_rng_state(), "config": cfg.to_dict(),
-            })  # fmt: skip
+            save_checkpoint(
+                checkpoint_path,
+                {
+                    "sae": sae_state,
+                    "optimizer": optimizer_state,
+                    "scheduler": scheduler.state_dict(),
+                    "step": step,
+                    "data": data.train.state_dict(),
+                    "input_scale": data.input_scale,
+                    "rng": capture_rng_state(),
+                    "config": cfg.to_dict(),
+                },
+            )
 
     # ---------------------------------------------------------------- training loop
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not layout.is_main)
@@ -130,8 +156,14 @@ def train(cfg, layout, device) -> int:
             x, rows = data.next_batch(layout)  # this rank's rows; `rows` counts the global batch
             l0_coefficient = l0_coefficient_at(step, cfg.l0_coefficient, cfg.sparsity_warmup_steps)
             with autocast:
-                loss = sae.loss(x, l0_coefficient, cfg.sparsity_loss, cfg.tanh_scale, cfg.pre_act_loss_coefficient,
-                                num_rows=rows)  # fmt: skip
+                loss = sae.loss(
+                    x,
+                    l0_coefficient,
+                    sparsity_loss=cfg.sparsity_loss,
+                    tanh_scale=cfg.tanh_scale,
+                    pre_act_loss_coefficient=cfg.pre_act_loss_coefficient,
+                    num_rows=rows,
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.total.backward()
             distributed.all_reduce_gradients(sae.parameters(), layout)  # data parallel: the global gradient
@@ -147,12 +179,16 @@ def train(cfg, layout, device) -> int:
 
             if step % cfg.log_every == 0 or step == cfg.steps:
                 seconds = time.perf_counter() - window_start
-                row = log_row(step, x, rows, loss, l0_coefficient, scheduler, sae, firing, data, layout,
-                              window_steps / seconds)  # fmt: skip
+                window = LogWindow(step, x, rows, loss, l0_coefficient, window_steps / seconds)
+                row = log_row(window, sae, firing, scheduler, data, layout)
                 if run_log:
                     run_log.log(row)
-                bar.set_postfix(loss=f"{row['loss']:.4g}", l0=f"{row['l0']:.1f}", fvu=f"{row['fvu']:.3f}",
-                                tok_s=f"{row['tokens_per_s']:.0f}")  # fmt: skip
+                bar.set_postfix(
+                    loss=f"{row['loss']:.4g}",
+                    l0=f"{row['l0']:.1f}",
+                    fvu=f"{row['fvu']:.3f}",
+                    tok_s=f"{row['tokens_per_s']:.0f}",
+                )
                 firing.reset()
                 window_start, window_steps = time.perf_counter(), 0
             if step == cfg.steps or stopping or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
@@ -162,8 +198,10 @@ def train(cfg, layout, device) -> int:
         run_log.close()
     if stopping:
         signal_number = stop.signal_number or signal.SIGTERM  # this rank may have been told by another
-        say(f"stopped by signal {signal_number} at step {step}; checkpoint in {checkpoint_path}, "
-            f"continue with --resume", file=sys.stderr)  # fmt: skip
+        say(
+            f"stopped by signal {signal_number} at step {step}; checkpoint in {checkpoint_path}, continue with --resume",
+            file=sys.stderr,
+        )
         return 128 + signal_number
 
     # ---------------------------------------------------------------- evaluation and report
@@ -171,16 +209,16 @@ def train(cfg, layout, device) -> int:
     if not (layout.is_main or layout.sharded):
         return 0
     results = evaluate(sae, data.eval_batches(cfg.batch_size), data.input_scale)
-    firing_rates = distributed.gather_features(results.pop("firing_rates"), layout, device)
+    firing_rates = sharding.gather_features(results.pop("firing_rates"), layout, device)
     if data.model is not None:
-        from .downstream import downstream_eval
+        from .report.downstream import downstream_eval
 
         def reconstruct(x_raw):
             return sae(x_raw * data.input_scale).reconstruction / data.input_scale
 
         results["downstream"] = downstream_eval(data.model, reconstruct, data.eval_tokens)
     results["steps"] = step
-    whole_sae = distributed.whole_sae(sae, layout, d_sae)
+    whole_sae = sharding.whole_sae(sae, layout, d_sae)
     if not layout.is_main:
         return 0
     results["dead_fraction"] = (firing_rates == 0).double().mean().item()  # over all features
@@ -197,56 +235,58 @@ def _quiet(*args, **kwargs):
     pass
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available on this machine")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: MPS is not available on this machine")
-    return device
-
-
 def check_resumable(saved: dict, cfg) -> None:
     current = cfg.to_dict()
     for name in RESUME_MUST_MATCH:
         if saved.get(name) != current[name]:
             flag = cfg.flag(name)
-            raise UserError(f"--resume: the checkpoint in {cfg.out} was made with {flag} {saved.get(name)}, "
-                            f"this run has {flag} {current[name]}")  # fmt: skip
+            raise UserError(
+                f"--resume: the checkpoint in {cfg.out} was made with {flag} {saved.get(name)}, "
+                f"this run has {flag} {current[name]}"
+            )
+
+
+@dataclass
+class LogWindow:
+    """The last step of a logging window: what its metrics row is computed from."""
+
+    step: int
+    x: torch.Tensor  # this rank's rows of the step's batch
+    rows: int  # rows in the global batch
+    loss: SAELoss
+    l0_coefficient: float
+    steps_per_s: float  # over the window
 
 
 @torch.no_grad()
-def log_row(step, x, rows, loss, l0_coefficient, scheduler, sae, firing, data, layout, steps_per_s) -> dict:
-    """The logged metrics of the global batch (collectives: every rank calls this)."""
-    x = x.double()
-    stats = torch.cat([torch.stack([loss.total.double(), loss.mse.double(), loss.l0.double(), x.pow(2).sum()]),
-                       x.sum(0), torch.tensor([float(data.train.dropped_rows)], device=x.device, dtype=x.dtype)])  # fmt: skip
+def log_row(window: LogWindow, sae, firing, scheduler, data, layout) -> dict:
+    """The logged metrics of the window's global batch (collectives: every rank calls this)."""
+    x, loss, rows = window.x.double(), window.loss, window.rows
+    dropped = torch.tensor([float(data.train.dropped_rows)], device=x.device, dtype=x.dtype)
+    terms = torch.stack([loss.total.double(), loss.mse.double(), loss.l0.double(), x.pow(2).sum()])
+    stats = torch.cat([terms, x.sum(0), dropped])
     if layout.data_parallel:  # each rank's loss terms are its share of the global means: sum them
         distributed.sum_(stats, layout)
     total, mse, l0, sum_squares, *rest = stats.tolist()
     *sum_x, dropped_rows = rest
     if not math.isfinite(total):
-        raise UserError(f"the loss became {total} at step {step}: lower --lr / --threshold-lr")
+        raise UserError(f"the loss became {total} at step {window.step}: lower --lr / --threshold-lr")
     variance = sum_squares / rows - sum(v * v for v in sum_x) / rows**2  # of the batch, summed over d_in
     dead, dense = distributed.firing_fractions(firing, layout, DENSE_RATE)
     return {
-        "step": step,
-        "tokens": step * data.train.batch_size,
+        "step": window.step,
+        "tokens": window.step * data.train.batch_size,
         "loss": total,
         "mse": mse,
         "l0": l0,
         "fvu": mse / variance if variance > 0 else float("nan"),
-        "l0_coefficient": l0_coefficient,
+        "l0_coefficient": window.l0_coefficient,
         "lr": scheduler.get_last_lr()[0],
         "threshold_mean": distributed.feature_mean(sae.threshold, layout),
         "dead_fraction": dead,
         "dense_fraction": dense,
         "dropped_rows": int(dropped_rows),
-        "tokens_per_s": steps_per_s * data.train.batch_size,
+        "tokens_per_s": window.steps_per_s * data.train.batch_size,
         "peak_memory_mib": peak_memory_mib(x.device),
     }
 
@@ -263,11 +303,11 @@ def summary(results: dict, out: Path) -> str:
     for key in ("l0", "fvu", "mse", "dead_fraction", "dense_fraction"):
         lines.append(f"  {key:16s} {results[key]:.4g}")
     for key, value in results.get("downstream", {}).items():
-        lines.append(f"  downstream.{key:6s} {value:.4g}" if isinstance(value, float) else f"  downstream.{key} {value}")
-    lines.append(f"SAE (SAELens layout) and report in {out}/: cfg.json, sae_weights.safetensors, eval.json, "
-                 "metrics.jsonl, density.png, curves.png")  # fmt: skip
+        lines.append(
+            f"  downstream.{key:6s} {value:.4g}" if isinstance(value, float) else f"  downstream.{key} {value}"
+        )
+    lines.append(
+        f"SAE (SAELens layout) and report in {out}/: cfg.json, sae_weights.safetensors, eval.json, "
+        "metrics.jsonl, density.png, curves.png"
+    )
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))

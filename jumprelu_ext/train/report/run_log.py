@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import atomic_write_bytes
-from .errors import UserError
+from ...files import atomic_write_bytes
+from ..errors import UserError
 
 METRICS_NAME = "metrics.jsonl"
 

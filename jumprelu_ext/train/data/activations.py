@@ -4,7 +4,7 @@ Activations live on disk as ``.npy`` or ``.safetensors`` files of shape [N, d_in
 of such shards. ``open_activations`` indexes them without loading them (``.npy`` is memory-mapped,
 safetensors slices are read on demand), ``ShuffledBatches`` turns them into an exactly resumable
 stream of finite fp32 batches, and ``estimate_scale`` finds the one scalar c with E‖c·x‖² = 1
-that the recipe's ε and θ₀ are calibrated for (GUIDE §1).
+that the recipe's ε and θ₀ are calibrated for (docs/method.md#input-scale).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = [
     "ActivationError",

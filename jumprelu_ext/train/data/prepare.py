@@ -3,12 +3,14 @@ harvested at start-up (``--model``), split into a shuffled training stream and a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..distributed import all_gather_rows, sum_
 from .activations import (
     ActivationError,
     ShuffledBatches,
@@ -17,7 +19,6 @@ from .activations import (
     open_activations,
     split_holdout,
 )
-from .distributed import all_gather_rows, sum_
 
 
 @dataclass

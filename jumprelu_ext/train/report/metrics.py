@@ -1,4 +1,4 @@
-"""Evaluation metrics for the JumpReLU SAE (GUIDE.md §1, "Metrics").
+"""Evaluation metrics for the JumpReLU SAE (docs/method.md#metrics).
 
 - ``FiringTracker``: per-feature firing counts accumulated over a training window, for the
   dead fraction (never fired over the window) and dense fraction (firing on > 10% of tokens).
@@ -11,7 +11,8 @@ that fired has ``acts = pre > θ > 0``; one that did not has ``+0.0`` or, for a 
 not counted as firing.
 """
 
-from typing import Iterable, NamedTuple, Optional
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -74,9 +75,7 @@ class FiringTracker:
     def load_state_dict(self, state: dict) -> None:
         counts = state["counts"]
         if tuple(counts.shape) != (self.d_sae,):
-            raise ValueError(
-                f"FiringTracker.load_state_dict: counts shape {tuple(counts.shape)} != ({self.d_sae},)"
-            )
+            raise ValueError(f"FiringTracker.load_state_dict: counts shape {tuple(counts.shape)} != ({self.d_sae},)")
         tokens = int(state["tokens"])
         if tokens < 0:
             raise ValueError(f"FiringTracker.load_state_dict: tokens must be >= 0, got {tokens}")
@@ -122,9 +121,7 @@ def evaluate(sae, batches: Iterable[torch.Tensor], input_scale: float = 1.0, den
         with torch.autocast(device_type=device.type, enabled=False):
             for x in batches:
                 if x.dim() < 1 or x.shape[-1] != sae.d_in:
-                    raise ValueError(
-                        f"evaluate: expected batches [..., d_in={sae.d_in}], got shape {tuple(x.shape)}"
-                    )
+                    raise ValueError(f"evaluate: expected batches [..., d_in={sae.d_in}], got shape {tuple(x.shape)}")
                 x = x.reshape(-1, sae.d_in).to(device=device, dtype=torch.float32)
                 nb = x.shape[0]
                 if nb == 0:
@@ -169,7 +166,7 @@ class DensityHistogram(NamedTuple):
     never_fired: int  # features with rate 0 (log10 0 = -inf), not in ``counts``
 
 
-def density_histogram(firing_rates, bins=50, range: Optional[tuple] = None) -> DensityHistogram:
+def density_histogram(firing_rates, bins=50, range: tuple | None = None) -> DensityHistogram:
     """Histogram of log10 firing rate. ``bins`` is a count or a sequence of edges (as in
     ``numpy.histogram``). Features with rate 0 would be log10 0 = -inf: they are left out of
     the bins and reported as ``never_fired``. Returns (counts, edges, never_fired)."""

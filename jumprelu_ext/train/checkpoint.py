@@ -5,77 +5,31 @@ written atomically: to a temporary file in the destination folder, flushed and f
 ``os.replace``d onto the final name (and the folder fsynced where the OS allows it). A process
 killed at any point therefore leaves either the previous checkpoint or the new one, never a
 half-written file under the final name; a stray ``.tmp`` file may remain only after a hard kill
-between creation and rename, and it is never picked up by ``latest_checkpoint``.
+between creation and rename.
 
 All content is ``torch.load(weights_only=True)``-compatible: tensors, dicts, lists, tuples,
 numbers, strings, None. RNG states are converted accordingly (numpy's key array becomes a
 list of ints, python ``random``'s state tuple becomes lists).
 """
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..files import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT_VERSION = 1
 
 __all__ = [
     "CHECKPOINT_NAME",
-    "atomic_write",
-    "atomic_write_bytes",
     "capture_rng_state",
-    "latest_checkpoint",
     "load_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
 ]
-
-
-def _fsync_dir(directory: Path) -> None:
-    """fsync a directory so a rename inside it is durable; a no-op where unsupported (Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path, write_fn) -> Path:
-    """Call ``write_fn(fileobj)`` on a temp file next to ``path``, fsync it, then os.replace it
-    onto ``path``. On any failure the temp file is removed and ``path`` is left untouched."""
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.NamedTemporaryFile(dir=directory, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    tmp_name = tmp.name
-    try:
-        with tmp:
-            write_fn(tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
-    return path
-
-
-def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + os.replace)."""
-    return atomic_write(path, lambda f: f.write(data))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,13 +128,3 @@ def load_checkpoint(path, map_location="cpu", weights_only: bool = True) -> dict
     if missing:
         raise ValueError(f"checkpoint {path} is missing required keys {missing}")
     return state
-
-
-def latest_checkpoint(out_dir):
-    """The checkpoint to resume from in ``out_dir`` (``out_dir/checkpoint.pt``), or None.
-
-    Only one fixed name is used, replaced atomically on every save, so "latest" is simply that
-    file; leftover ``.checkpoint.pt.*.tmp`` files from a killed process are ignored.
-    """
-    p = Path(out_dir) / CHECKPOINT_NAME
-    return p if p.is_file() else None

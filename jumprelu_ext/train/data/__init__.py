@@ -1,0 +1,1 @@
+"""Where activations come from: files of cached activations, or a model run over text."""

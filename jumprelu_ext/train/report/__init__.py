@@ -1,0 +1,1 @@
+"""Evaluation and reporting: metrics, the downstream splice test, plots and the run log."""
