@@ -66,7 +66,8 @@ def extension():
     system_includes = [flag for d in library_header_dirs() for flag in ("-isystem", d)]
     return CUDAExtension(
         "jumprelu_ext._C",
-        sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        # forward.cu and backward.cu compile in parallel (MAX_JOBS); register_cuda.cpp is plain C++.
+        sources + sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp")),
         extra_compile_args={"cxx": cxx_flags + system_includes, "nvcc": ["-O3", "-lineinfo"] + system_includes},
         extra_link_args=["-fopenmp"],
         py_limited_api=True,

@@ -1,7 +1,7 @@
 """Benchmark the fused JumpReLU ops against SAELens-style eager autograd and torch.compile.
 
 For each op (jumprelu_l0, jumprelu, step), dtype and shape, three implementations
-(`eager`: jumprelu_ext.baselines; `compiled`: torch.compile of jumprelu_ext.reference's math;
+(`eager`: baselines.py; `compiled`: torch.compile of jumprelu_ext.reference's math;
 `ours`: the extension's kernels) are timed in three modes: `fwd` (no grad), `bwd` (the backward
 alone) and `fwd+bwd` (forward, then autograd.grad with given output gradients). Bandwidth is
 reported against torch.clone of the same tensor on the same device in the same run.
@@ -29,7 +29,7 @@ import torch
 import harness
 import jumprelu_ext
 from jumprelu_ext import reference as ref
-from jumprelu_ext.baselines import EagerJumpReLU, EagerStep, eager_jumprelu_l0
+from baselines import EagerJumpReLU, EagerStep, eager_jumprelu_l0
 
 BANDWIDTH = 1e-3  # ε, the paper's default
 MODES = ("fwd", "bwd", "fwd+bwd")

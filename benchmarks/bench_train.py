@@ -2,7 +2,7 @@
 
 A step is forward, loss (MSE + λ·L0), backward, projecting the decoder gradient, Adam
 (β1 = 0, β2 = 0.999) and decoder renormalisation. `ours` is jumprelu_ext.JumpReLUSAE (fused
-jumprelu_l0 op); `eager` is the same module with SAELens-style activation: the JumpReLU and Step autograd Functions of jumprelu_ext.baselines (two passes each way,
+jumprelu_l0 op); `eager` is the same module with SAELens-style activation: the JumpReLU and Step autograd Functions of benchmarks/baselines.py (two passes each way,
 [batch, F] masks saved for backward). Same shapes, same data, same run; inputs already on
 the device. Reports ms per step, tokens/s, the speed-up and (CUDA) peak memory.
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 from jumprelu_ext import JumpReLUSAE  # noqa: E402
-from jumprelu_ext.baselines import eager_jumprelu_l0  # noqa: E402
+from baselines import eager_jumprelu_l0  # noqa: E402
 
 L0_COEFFICIENT = 1e-3
 PLAN = harness.TimingPlan(warmup=3, min_reps=5, max_reps=50, budget_s=3.0)

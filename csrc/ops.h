@@ -1,5 +1,5 @@
 // Backend-independent op wrappers: input checks, reshaping to [rows, features],
-// output allocation. Each backend registers them with its own two kernels:
+// output allocation (the contract: docs/ops.md). Each backend registers them with its own two kernels:
 //   register_ops<forward_cpu, backward_cpu>(m);
 #pragma once
 
@@ -58,13 +58,14 @@ inline RowView check_inputs(const char* op, const at::Tensor& pre, const at::Ten
 }
 
 // An incoming gradient must match the tensor it is the gradient of.
+// grad_acts has pre's dtype; grad_l0 has l0's, float32.
 inline at::Tensor check_grad(const char* op, const char* name, const at::Tensor& grad,
-                             const at::Tensor& pre, at::IntArrayRef expected_shape,
-                             at::IntArrayRef flat_shape) {
+                             at::ScalarType dtype, const char* dtype_name, const at::Tensor& pre,
+                             at::IntArrayRef expected_shape, at::IntArrayRef flat_shape) {
   TORCH_CHECK(grad.sizes() == expected_shape, op, ": ", name, " must have shape ", expected_shape,
               ", got ", grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == pre.scalar_type(), op, ": ", name, " must have pre's dtype (",
-              pre.scalar_type(), "), got ", grad.scalar_type());
+  TORCH_CHECK(grad.scalar_type() == dtype, op, ": ", name, " must have ", dtype_name, " (", dtype,
+              "), got ", grad.scalar_type());
   TORCH_CHECK(grad.device() == pre.device(), op, ": ", name, " is on ", grad.device(),
               " but pre is on ", pre.device());
   return grad.contiguous().view(flat_shape);
@@ -77,97 +78,130 @@ inline at::Tensor as_rows(const at::Tensor& pre, const RowView& v) {
 template <ForwardFn forward>
 std::tuple<at::Tensor, at::Tensor> run_forward(const char* op, const at::Tensor& pre,
                                                const at::Tensor& threshold, double bandwidth,
-                                               bool step, bool with_l0) {
+                                               ForwardMode mode) {
   const RowView v = check_inputs(op, pre, threshold, bandwidth);
   ForwardArgs args;
   args.pre = as_rows(pre, v);
   args.threshold = threshold.contiguous();
   args.out = at::empty({v.rows, v.features}, pre.options());
-  args.step = step;
-  if (with_l0) args.l0 = at::zeros({v.rows}, pre.options());
+  args.mode = mode;
+  const bool with_l0 = mode == ForwardMode::kJumpReLUL0;
+  // float32 whatever pre's dtype: exact counts up to 2^24 (docs/ops.md, "L0 dtype").
+  if (with_l0) args.l0 = at::zeros({v.rows}, pre.options().dtype(at::kFloat));
   if (pre.numel() > 0) forward(args);
   at::Tensor l0 = with_l0 ? args.l0.view(v.leading) : at::Tensor();
   return {args.out.view(pre.sizes()), l0};
 }
 
+// ste_to_input changes only the backward; the forward ops take it so that autograd sees it.
 template <ForwardFn forward>
-at::Tensor jumprelu_op(const at::Tensor& pre, const at::Tensor& threshold, double bandwidth) {
-  return std::get<0>(run_forward<forward>("jumprelu", pre, threshold, bandwidth, false, false));
+at::Tensor jumprelu_op(const at::Tensor& pre, const at::Tensor& threshold, double bandwidth,
+                       bool /*ste_to_input*/) {
+  return std::get<0>(
+      run_forward<forward>("jumprelu", pre, threshold, bandwidth, ForwardMode::kJumpReLU));
 }
 
 template <ForwardFn forward>
-at::Tensor step_op(const at::Tensor& pre, const at::Tensor& threshold, double bandwidth) {
-  return std::get<0>(run_forward<forward>("step", pre, threshold, bandwidth, true, false));
+at::Tensor step_op(const at::Tensor& pre, const at::Tensor& threshold, double bandwidth,
+                   bool /*ste_to_input*/) {
+  return std::get<0>(run_forward<forward>("step", pre, threshold, bandwidth, ForwardMode::kStep));
 }
 
 template <ForwardFn forward>
 std::tuple<at::Tensor, at::Tensor> jumprelu_l0_op(const at::Tensor& pre,
-                                                  const at::Tensor& threshold, double bandwidth) {
-  return run_forward<forward>("jumprelu_l0", pre, threshold, bandwidth, false, true);
+                                                  const at::Tensor& threshold, double bandwidth,
+                                                  bool /*ste_to_input*/) {
+  return run_forward<forward>("jumprelu_l0", pre, threshold, bandwidth, ForwardMode::kJumpReLUL0);
 }
 
-// Shared by the three backward ops: grad_elem and grad_row may each be undefined.
+// Which gradients the caller asked for (autograd passes ctx.needs_input_grad).
+struct Wanted {
+  bool ste_to_input;
+  bool grad_pre;
+  bool grad_threshold;
+};
+
+// Shared by the three backward ops: grad_acts and grad_l0 may each be missing. An output that
+// was not asked for is returned as an empty tensor, and never computed.
 template <BackwardFn backward>
 std::tuple<at::Tensor, at::Tensor> run_backward(const char* op,
-                                                const std::optional<at::Tensor>& grad_elem,
-                                                bool elem_is_jumprelu,
-                                                const std::optional<at::Tensor>& grad_row,
+                                                const std::optional<at::Tensor>& grad_acts,
+                                                bool step,
+                                                const std::optional<at::Tensor>& grad_l0,
                                                 const at::Tensor& pre, const at::Tensor& threshold,
-                                                double bandwidth, bool want_grad_pre) {
+                                                double bandwidth, Wanted wanted) {
   const RowView v = check_inputs(op, pre, threshold, bandwidth);
   BackwardArgs args;
   args.pre = as_rows(pre, v);
   args.threshold = threshold.contiguous();
   args.bandwidth = bandwidth;
-  args.elem_is_jumprelu = elem_is_jumprelu;
-  const bool has_elem = grad_elem.has_value() && grad_elem->defined();
-  const bool has_row = grad_row.has_value() && grad_row->defined();
-  if (has_elem) {
-    args.grad_elem = check_grad(op, "the output gradient", *grad_elem, pre, pre.sizes(),
-                                {v.rows, v.features});
+  args.step = step;
+  args.ste_to_input = wanted.ste_to_input;
+  const bool has_acts = grad_acts.has_value() && grad_acts->defined();
+  const bool has_l0 = grad_l0.has_value() && grad_l0->defined();
+  if (has_acts) {
+    args.grad_acts = check_grad(op, "the output gradient", *grad_acts, pre.scalar_type(), "pre's dtype", pre,
+                                pre.sizes(), {v.rows, v.features});
   }
-  if (has_row) {
-    args.grad_row = check_grad(op, "the l0 gradient", *grad_row, pre, v.leading, {v.rows});
+  if (has_l0) {
+    args.grad_l0 =
+        check_grad(op, "the l0 gradient", *grad_l0, at::kFloat, "l0's dtype", pre, v.leading,
+                   {v.rows});
   }
-  at::Tensor grad_pre;
-  if (want_grad_pre) {
-    // Without an output gradient the input gradient is exactly zero.
-    grad_pre = has_elem ? at::empty({v.rows, v.features}, pre.options())
-                        : at::zeros({v.rows, v.features}, pre.options());
-    if (has_elem) args.grad_pre = grad_pre;
-    grad_pre = grad_pre.view(pre.sizes());
+  // pre gets H·grad_acts (JumpReLU) and, with ste_to_input, every element's θ term.
+  const bool pre_has_terms = (has_acts && !step) || (wanted.ste_to_input && (has_acts || has_l0));
+  at::Tensor grad_pre = at::empty({0}, pre.options());
+  if (wanted.grad_pre) {
+    if (pre_has_terms) {
+      args.grad_pre = at::empty({v.rows, v.features}, pre.options());
+      grad_pre = args.grad_pre.view(pre.sizes());
+    } else {
+      grad_pre = at::zeros(pre.sizes(), pre.options());  // asked for, but no term reaches pre
+    }
   }
-  args.grad_threshold = at::empty({v.features}, threshold.options());
-  if (pre.numel() > 0 && (has_elem || has_row)) {
+  at::Tensor grad_threshold = at::empty({0}, threshold.options());
+  if (wanted.grad_threshold) {
+    grad_threshold = at::empty({v.features}, threshold.options());
+    args.grad_threshold = grad_threshold;
+  }
+  const bool work = args.grad_pre.defined() || args.grad_threshold.defined();
+  if (pre.numel() > 0 && (has_acts || has_l0) && work) {
     backward(args);
-  } else {
+  } else if (args.grad_threshold.defined()) {
     args.grad_threshold.zero_();
   }
-  return {grad_pre, args.grad_threshold};
+  return {grad_pre, grad_threshold};
 }
 
 template <BackwardFn backward>
 std::tuple<at::Tensor, at::Tensor> jumprelu_backward_op(const at::Tensor& grad_acts,
                                                         const at::Tensor& pre,
                                                         const at::Tensor& threshold,
-                                                        double bandwidth) {
-  return run_backward<backward>("jumprelu_backward", grad_acts, true, std::nullopt, pre,
-                                threshold, bandwidth, true);
+                                                        double bandwidth, bool ste_to_input,
+                                                        bool needs_grad_pre,
+                                                        bool needs_grad_threshold) {
+  return run_backward<backward>("jumprelu_backward", grad_acts, false, std::nullopt, pre,
+                                threshold, bandwidth,
+                                {ste_to_input, needs_grad_pre, needs_grad_threshold});
 }
 
 template <BackwardFn backward>
-at::Tensor step_backward_op(const at::Tensor& grad_step, const at::Tensor& pre,
-                            const at::Tensor& threshold, double bandwidth) {
-  return std::get<1>(run_backward<backward>("step_backward", grad_step, false, std::nullopt, pre,
-                                            threshold, bandwidth, false));
+std::tuple<at::Tensor, at::Tensor> step_backward_op(const at::Tensor& grad_step,
+                                                    const at::Tensor& pre,
+                                                    const at::Tensor& threshold, double bandwidth,
+                                                    bool ste_to_input, bool needs_grad_pre,
+                                                    bool needs_grad_threshold) {
+  return run_backward<backward>("step_backward", grad_step, true, std::nullopt, pre, threshold,
+                                bandwidth, {ste_to_input, needs_grad_pre, needs_grad_threshold});
 }
 
 template <BackwardFn backward>
 std::tuple<at::Tensor, at::Tensor> jumprelu_l0_backward_op(
     const std::optional<at::Tensor>& grad_acts, const std::optional<at::Tensor>& grad_l0,
-    const at::Tensor& pre, const at::Tensor& threshold, double bandwidth) {
-  return run_backward<backward>("jumprelu_l0_backward", grad_acts, true, grad_l0, pre, threshold,
-                                bandwidth, true);
+    const at::Tensor& pre, const at::Tensor& threshold, double bandwidth, bool ste_to_input,
+    bool needs_grad_pre, bool needs_grad_threshold) {
+  return run_backward<backward>("jumprelu_l0_backward", grad_acts, false, grad_l0, pre, threshold,
+                                bandwidth, {ste_to_input, needs_grad_pre, needs_grad_threshold});
 }
 
 template <ForwardFn forward, BackwardFn backward>

@@ -11,7 +11,7 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def check_inputs(op: str, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> None:
+def check_inputs(op: str, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float, ste_to_input: bool = False) -> None:
     if not isinstance(pre, torch.Tensor) or not isinstance(threshold, torch.Tensor):
         raise TypeError(f"{op}: pre and threshold must be tensors")
     if pre.dim() < 1:
@@ -32,6 +32,8 @@ def check_inputs(op: str, pre: torch.Tensor, threshold: torch.Tensor, bandwidth:
         raise TypeError(f"{op}: bandwidth must be a Python number, got {type(bandwidth).__name__}")
     if not (math.isfinite(bandwidth) and bandwidth > 0):
         raise ValueError(f"{op}: bandwidth must be positive and finite, got {bandwidth}")
+    if not isinstance(ste_to_input, bool):
+        raise TypeError(f"{op}: ste_to_input must be a bool, got {type(ste_to_input).__name__}")
     info = torch.finfo(compute_dtype(pre))
     if not info.tiny <= bandwidth <= info.max:
         raise ValueError(

@@ -1,4 +1,4 @@
-"""The public JumpReLU ops: the fused kernels when compiled, else the reference."""
+"""The public JumpReLU ops: the fused kernels when compiled, else the reference (docs/ops.md)."""
 
 import torch
 
@@ -18,24 +18,31 @@ else:
     _jumprelu_l0 = reference.jumprelu_l0
 
 
-def jumprelu(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float = 1e-3) -> torch.Tensor:
+def jumprelu(
+    pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float = 1e-3, ste_to_input: bool = False
+) -> torch.Tensor:
     """JumpReLU_θ(pre) = pre · H(pre − θ), with the rectangle-kernel straight-through
     gradient for θ: ∂/∂θ = −(θ/ε)·K((pre − θ)/ε), summed over the leading dims.
 
     pre: [..., F] float32/float64/float16/bfloat16; threshold: [F], pre's dtype or float32.
+    ste_to_input: pre also receives the straight-through term, +(θ/ε)·K((pre − θ)/ε) per element
+    (Anthropic, January 2025; SAELens's ``jumprelu_ste_to_input``).
     """
-    check_inputs("jumprelu", pre, threshold, bandwidth)
-    return _jumprelu(pre, threshold, bandwidth)
+    check_inputs("jumprelu", pre, threshold, bandwidth, ste_to_input)
+    return _jumprelu(pre, threshold, bandwidth, ste_to_input)
 
 
-def step(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float = 1e-3) -> torch.Tensor:
-    """H(pre − θ) in pre's dtype. No gradient to pre; to θ: −(1/ε)·K((pre − θ)/ε)."""
-    check_inputs("step", pre, threshold, bandwidth)
-    return _step(pre, threshold, bandwidth)
+def step(
+    pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float = 1e-3, ste_to_input: bool = False
+) -> torch.Tensor:
+    """H(pre − θ) in pre's dtype. To θ: −(1/ε)·K((pre − θ)/ε); to pre: nothing, or with
+    ste_to_input +(1/ε)·K((pre − θ)/ε) per element."""
+    check_inputs("step", pre, threshold, bandwidth, ste_to_input)
+    return _step(pre, threshold, bandwidth, ste_to_input)
 
 
-def jumprelu_l0(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float = 1e-3):
-    """Fused (JumpReLU_θ(pre), Σ_features H(pre − θ)): acts [..., F] and the per-row L0 [...],
-    both in pre's dtype. Its backward combines both θ-gradient terms in one pass."""
-    check_inputs("jumprelu_l0", pre, threshold, bandwidth)
-    return _jumprelu_l0(pre, threshold, bandwidth)
+def jumprelu_l0(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float = 1e-3, ste_to_input: bool = False):
+    """Fused (JumpReLU_θ(pre), Σ_features H(pre − θ)): acts [..., F] in pre's dtype and the per-row
+    L0 [...] in float32 (exact counts). Its backward combines both θ-gradient terms in one pass."""
+    check_inputs("jumprelu_l0", pre, threshold, bandwidth, ste_to_input)
+    return _jumprelu_l0(pre, threshold, bandwidth, ste_to_input)

@@ -1,9 +1,9 @@
-"""Pure-PyTorch JumpReLU ops with exactly the semantics of the compiled kernels.
+"""Pure-PyTorch JumpReLU ops with exactly the semantics of the compiled kernels (docs/ops.md).
 
 H(u) = 1 iff u > 0; K(u) = 1 iff -1/2 < u < 1/2. Arithmetic in fp32 (fp64 for fp64);
-outputs in pre's dtype, the threshold gradient in the threshold's dtype. Tests compare
-the kernels against this module, and the package falls back to it when the compiled
-extension cannot be loaded.
+outputs in pre's dtype, the L0 count in float32, the threshold gradient in the threshold's
+dtype. Tests compare the kernels against this module, and the package falls back to it when the
+compiled extension cannot be loaded.
 """
 
 import torch
@@ -25,20 +25,45 @@ def _heaviside(x, t):
     return (x > t).to(x.dtype)
 
 
-def threshold_grad(pre, threshold, bandwidth, grad_elem=None, elem_is_jumprelu=True, grad_row=None):
-    """-(1/ε) Σ_rows K((pre-θ)/ε) · (c·grad_elem + grad_row), c = θ (JumpReLU) or 1 (step)."""
-    x, t = _upcast(pre, threshold)
+def _bandwidth(x, bandwidth):
     # Divide by a tensor on the same device: a Python-scalar divisor may become a
     # multiply by its reciprocal, which rounds differently at the window's edges.
-    eps = torch.full((), bandwidth, dtype=x.dtype, device=x.device)
+    return torch.full((), bandwidth, dtype=x.dtype, device=x.device)
+
+
+def threshold_terms(pre, threshold, bandwidth, grad_acts=None, step=False, grad_l0=None):
+    """Each element's K((pre-θ)/ε) · (c·grad_acts + grad_l0), c = θ (JumpReLU) or 1 (step), in the
+    compute dtype. A missing gradient adds no term (so a non-finite θ meets no 0·θ)."""
+    x, t = _upcast(pre, threshold)
+    eps = _bandwidth(x, bandwidth)
     u = (x - t) / eps
     in_window = ((u > -0.5) & (u < 0.5)).to(x.dtype)
     weight = torch.zeros_like(x)
-    if grad_elem is not None:
-        weight = weight + (t if elem_is_jumprelu else 1.0) * grad_elem.to(x.dtype)
-    if grad_row is not None:
-        weight = weight + grad_row.to(x.dtype).unsqueeze(-1)
-    return (-sum_leading_dims(in_window * weight) / eps).to(threshold.dtype)
+    if grad_acts is not None:
+        weight = weight + (1.0 if step else t) * grad_acts.to(x.dtype)
+    if grad_l0 is not None:
+        weight = weight + grad_l0.to(x.dtype).unsqueeze(-1)
+    return in_window * weight
+
+
+def threshold_grad(pre, threshold, bandwidth, grad_acts=None, step=False, grad_l0=None):
+    """-(1/ε) Σ_rows K((pre-θ)/ε) · (c·grad_acts + grad_l0), c = θ (JumpReLU) or 1 (step)."""
+    terms = threshold_terms(pre, threshold, bandwidth, grad_acts, step, grad_l0)
+    return (-sum_leading_dims(terms) / _bandwidth(terms, bandwidth)).to(threshold.dtype)
+
+
+def input_grad(pre, threshold, bandwidth, grad_acts=None, step=False, grad_l0=None, ste_to_input=False):
+    """H(pre-θ)·grad_acts (JumpReLU only), plus with ste_to_input each element's θ term negated:
+    K((pre-θ)/ε) · (c·grad_acts + grad_l0) / ε. None where no term reaches pre."""
+    x, t = _upcast(pre, threshold)
+    grad = None
+    if grad_acts is not None and not step:
+        grad = grad_acts.to(x.dtype) * _heaviside(x, t)
+    if ste_to_input and (grad_acts is not None or grad_l0 is not None):
+        terms = threshold_terms(pre, threshold, bandwidth, grad_acts, step, grad_l0)
+        ste = terms / _bandwidth(terms, bandwidth)
+        grad = ste if grad is None else grad + ste
+    return None if grad is None else grad.to(pre.dtype)
 
 
 def jumprelu_forward(pre, threshold):
@@ -52,13 +77,36 @@ def step_forward(pre, threshold):
 
 
 def l0_forward(pre, threshold):
+    """float32 whatever pre's dtype: counts are exact up to 2^24."""
     x, t = _upcast(pre, threshold)
-    return _heaviside(x, t).sum(-1).to(pre.dtype)
+    return (x > t).sum(-1, dtype=torch.float32)
 
 
-def jumprelu_input_grad(grad, pre, threshold):
-    x, t = _upcast(pre, threshold)
-    return (grad.to(x.dtype) * _heaviside(x, t)).to(pre.dtype)
+class _RefuseDoubleBackward(torch.autograd.Function):
+    """Identity on a gradient; differentiating it again raises an error naming the op."""
+
+    @staticmethod
+    def forward(ctx, grad, op):
+        ctx.op = op
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError(double_backward_message(ctx.op))
+
+
+def double_backward_message(op: str) -> str:
+    return (
+        f"jumprelu_ext::{op}: double backward is not supported (its gradients are straight-through "
+        "estimates, not derivatives that can be differentiated again); see docs/ops.md"
+    )
+
+
+def _guard(grad, op):
+    """With create_graph=True the returned gradients are on a graph: make a second backward fail loudly."""
+    if grad is None or not (torch.is_grad_enabled() and grad.requires_grad):
+        return grad
+    return _RefuseDoubleBackward.apply(grad, op)
 
 
 class _SavesInputs(torch.autograd.Function):
@@ -66,38 +114,45 @@ class _SavesInputs(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pre, threshold, bandwidth = inputs
+        pre, threshold, bandwidth, ste_to_input = inputs
         ctx.save_for_backward(pre, threshold)
         ctx.bandwidth = bandwidth
+        ctx.ste_to_input = ste_to_input
+
+    @classmethod
+    def _grads(cls, ctx, op, grad_acts, step, grad_l0):
+        pre, threshold = ctx.saved_tensors
+        grad_pre = grad_threshold = None
+        if ctx.needs_input_grad[0]:
+            grad_pre = input_grad(pre, threshold, ctx.bandwidth, grad_acts, step, grad_l0, ctx.ste_to_input)
+        if ctx.needs_input_grad[1] and (grad_acts is not None or grad_l0 is not None):
+            grad_threshold = threshold_grad(pre, threshold, ctx.bandwidth, grad_acts, step, grad_l0)
+        return _guard(grad_pre, op), _guard(grad_threshold, op), None, None
 
 
 class _JumpReLU(_SavesInputs):
     @staticmethod
-    def forward(pre, threshold, bandwidth):
+    def forward(pre, threshold, bandwidth, ste_to_input):
         return jumprelu_forward(pre, threshold)
 
     @staticmethod
     def backward(ctx, grad):
-        pre, threshold = ctx.saved_tensors
-        grad_pre = jumprelu_input_grad(grad, pre, threshold)
-        return grad_pre, threshold_grad(pre, threshold, ctx.bandwidth, grad_elem=grad), None
+        return _JumpReLU._grads(ctx, "jumprelu", grad, False, None)
 
 
 class _Step(_SavesInputs):
     @staticmethod
-    def forward(pre, threshold, bandwidth):
+    def forward(pre, threshold, bandwidth, ste_to_input):
         return step_forward(pre, threshold)
 
     @staticmethod
     def backward(ctx, grad):
-        pre, threshold = ctx.saved_tensors
-        grad_threshold = threshold_grad(pre, threshold, ctx.bandwidth, grad_elem=grad, elem_is_jumprelu=False)
-        return None, grad_threshold, None
+        return _Step._grads(ctx, "step", grad, True, None)
 
 
 class _JumpReLUL0(_SavesInputs):
     @staticmethod
-    def forward(pre, threshold, bandwidth):
+    def forward(pre, threshold, bandwidth, ste_to_input):
         return jumprelu_forward(pre, threshold), l0_forward(pre, threshold)
 
     @staticmethod
@@ -107,22 +162,19 @@ class _JumpReLUL0(_SavesInputs):
 
     @staticmethod
     def backward(ctx, grad_acts, grad_l0):
-        pre, threshold = ctx.saved_tensors
-        grad_pre = None if grad_acts is None else jumprelu_input_grad(grad_acts, pre, threshold)
-        grad_threshold = threshold_grad(pre, threshold, ctx.bandwidth, grad_elem=grad_acts, grad_row=grad_l0)
-        return grad_pre, grad_threshold, None
+        return _JumpReLUL0._grads(ctx, "jumprelu_l0", grad_acts, False, grad_l0)
 
 
-def jumprelu(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float = 1e-3) -> torch.Tensor:
-    check_inputs("jumprelu", pre, threshold, bandwidth)
-    return _JumpReLU.apply(pre, threshold, bandwidth)
+def jumprelu(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float = 1e-3, ste_to_input: bool = False):
+    check_inputs("jumprelu", pre, threshold, bandwidth, ste_to_input)
+    return _JumpReLU.apply(pre, threshold, bandwidth, ste_to_input)
 
 
-def step(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float = 1e-3) -> torch.Tensor:
-    check_inputs("step", pre, threshold, bandwidth)
-    return _Step.apply(pre, threshold, bandwidth)
+def step(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float = 1e-3, ste_to_input: bool = False):
+    check_inputs("step", pre, threshold, bandwidth, ste_to_input)
+    return _Step.apply(pre, threshold, bandwidth, ste_to_input)
 
 
-def jumprelu_l0(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float = 1e-3):
-    check_inputs("jumprelu_l0", pre, threshold, bandwidth)
-    return _JumpReLUL0.apply(pre, threshold, bandwidth)
+def jumprelu_l0(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float = 1e-3, ste_to_input: bool = False):
+    check_inputs("jumprelu_l0", pre, threshold, bandwidth, ste_to_input)
+    return _JumpReLUL0.apply(pre, threshold, bandwidth, ste_to_input)

@@ -48,7 +48,7 @@ def test_heaviside_and_window_edges(device, impl, pre_dtype, theta_dtype):
     pre = torch.tensor(values, dtype=pre_dtype, device=device).requires_grad_()
     theta = torch.full((n,), THETA, dtype=theta_dtype, device=device).requires_grad_()
     g = torch.tensor([3.0, 5.0, 7.0, 11.0, 13.0, 17.0, 19.0], dtype=pre_dtype, device=device)
-    g_l0 = torch.tensor(2.0, dtype=pre_dtype, device=device)
+    g_l0 = torch.tensor(2.0, dtype=torch.float32, device=device)
 
     expected_acts = torch.tensor([v if a else 0.0 for v, a in zip(values, active)], dtype=pre_dtype)
     expected_step = torch.tensor([1.0 if a else 0.0 for a in active], dtype=pre_dtype)
@@ -75,7 +75,7 @@ def test_heaviside_and_window_edges(device, impl, pre_dtype, theta_dtype):
 
     acts, l0 = impl.jumprelu_l0(pre, theta, EPS)
     assert_exact(acts, expected_acts, "jumprelu_l0 acts")
-    assert_exact(l0, torch.tensor(float(sum(active)), dtype=pre_dtype), "jumprelu_l0 l0")
+    assert_exact(l0, torch.tensor(float(sum(active)), dtype=torch.float32), "jumprelu_l0 l0")
     gp, gt = grads([acts, l0], [pre, theta], [g, g_l0])
     assert_exact(gp, expected_grad_pre, "jumprelu_l0 grad_pre")
     assert_exact(gt, l0_theta, "jumprelu_l0 grad_threshold")
@@ -92,10 +92,10 @@ def test_boundaries_summed_over_rows(device, impl):
     pre = torch.tensor(values, dtype=torch.float64, device=device).unsqueeze(-1).requires_grad_()
     theta = torch.tensor([THETA], dtype=torch.float64, device=device).requires_grad_()
     g = torch.tensor([3.0, 5.0, 7.0, 11.0, 13.0, 17.0, 19.0], dtype=torch.float64, device=device).unsqueeze(-1)
-    g_l0 = torch.tensor([1.0, 10.0, 100.0, 1000.0, 10000.0, 1e5, 1e6], dtype=torch.float64, device=device)
+    g_l0 = torch.tensor([1.0, 10.0, 100.0, 1000.0, 10000.0, 1e5, 1e6], dtype=torch.float32, device=device)
     acts, l0 = impl.jumprelu_l0(pre, theta, EPS)
     assert_exact(acts, torch.tensor([[0.0], [0.0], [0.625], [0.0], [0.6249999], [0.0], [0.6250001]], dtype=torch.float64))
-    assert_exact(l0, torch.tensor([0.0, 0, 1, 0, 1, 0, 1], dtype=torch.float64))
+    assert_exact(l0, torch.tensor([0.0, 0, 1, 0, 1, 0, 1], dtype=torch.float32))
     gp, gt = grads([acts, l0], [pre, theta], [g, g_l0])
     assert_exact(gp, torch.tensor([[0.0], [0], [7], [0], [13], [0], [19]], dtype=torch.float64))
     # Rows 0, 3, 4 are inside: −4·Σ(0.5·g + g_l0) = −4·(1.5 + 1 + 5.5 + 1000 + 6.5 + 10000).
@@ -128,8 +128,8 @@ def test_window_edge_scan_matches_reference(device, pre_dtype, theta_dtype, band
     n = pre.numel()
     theta = torch.full((n,), theta_value, dtype=theta_dtype)
     g = torch.ones(n, dtype=pre_dtype)
-    expected_jump = reference.threshold_grad(pre, theta, bandwidth, grad_elem=g)
-    expected_step = reference.threshold_grad(pre, theta, bandwidth, grad_elem=g, elem_is_jumprelu=False)
+    expected_jump = reference.threshold_grad(pre, theta, bandwidth, grad_acts=g)
+    expected_step = reference.threshold_grad(pre, theta, bandwidth, grad_acts=g, step=True)
     # The scan is useful only if it crosses the edges: some values inside, some outside.
     inside = expected_step != 0
     if pre_dtype in (torch.float32, torch.float64) or bandwidth != 1e-3:

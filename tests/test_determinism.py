@@ -25,7 +25,7 @@ def _data(device, shape, pre_dtype, theta_dtype, seed):
     mantissa = torch.randn(shape, generator=g, dtype=torch.float64)
     scale = 10.0 ** torch.randint(-3, 4, shape, generator=g).double()
     grad = (mantissa * scale).to(pre_dtype).to(device)
-    grad_l0 = (torch.randn(shape[:-1], generator=g, dtype=torch.float64) * 100).to(pre_dtype).to(device)
+    grad_l0 = (torch.randn(shape[:-1], generator=g, dtype=torch.float64) * 100).float().to(device)
     return pre, theta, grad, grad_l0
 
 
@@ -38,7 +38,7 @@ def _theta_grads(pre, theta, grad, grad_l0):
     return [
         via_autograd,
         ops.jumprelu_backward(grad, pre, theta, EPS)[1],
-        ops.step_backward(grad, pre, theta, EPS),
+        ops.step_backward(grad, pre, theta, EPS)[1],
         ops.jumprelu_l0_backward(grad, grad_l0, pre, theta, EPS)[1],
         ops.jumprelu_l0_backward(None, grad_l0, pre, theta, EPS)[1],
     ]

@@ -165,7 +165,7 @@ def _grad_cases():
         ("dtype-int", torch.ones(4, 3, dtype=torch.int64), r"the output gradient must have pre's dtype \(Float\), got Long"),
     ]:
         cases.append((f"jumprelu_backward-{name}", lambda bad=bad: ops.jumprelu_backward(bad, pre, theta, 0.1), "jumprelu_backward", message))
-        cases.append((f"step_backward-{name}", lambda bad=bad: ops.step_backward(bad, pre, theta, 0.1), "step_backward", message))
+        cases.append((f"step_backward-{name}", lambda bad=bad: ops.step_backward(bad, pre, theta, 0.1)[1], "step_backward", message))
         cases.append((
             f"jumprelu_l0_backward-acts-{name}",
             lambda bad=bad: ops.jumprelu_l0_backward(bad, good_l0, pre, theta, 0.1),
@@ -176,7 +176,7 @@ def _grad_cases():
         ("shape", torch.ones(3), r"the l0 gradient must have shape \[4\], got \[3\]"),
         ("shape-keepdim", torch.ones(4, 1), r"the l0 gradient must have shape \[4\], got \[4, 1\]"),
         ("shape-0d", torch.tensor(1.0), r"the l0 gradient must have shape \[4\], got \[\]"),
-        ("dtype", torch.ones(4, dtype=torch.bfloat16), r"the l0 gradient must have pre's dtype \(Float\), got BFloat16"),
+        ("dtype", torch.ones(4, dtype=torch.bfloat16), r"the l0 gradient must have l0's dtype \(Float\), got BFloat16"),
     ]:
         for acts_grad in (good, None):
             tag = "with-acts" if acts_grad is not None else "no-acts"

@@ -68,7 +68,7 @@ def test_theta_grad_matches_formula(device, impl, shape):
     pre.requires_grad_()
     theta.requires_grad_()
     g_acts = rand_like_grad(shape, torch.float64, device, 102)
-    g_l0 = rand_like_grad(shape[:-1], torch.float64, device, 103)
+    g_l0 = rand_like_grad(shape[:-1], torch.float32, device, 103)
 
     acts = impl.jumprelu(pre, theta, eps)
     gp, gt = torch.autograd.grad(acts, (pre, theta), g_acts)
@@ -152,7 +152,7 @@ def _direct_inputs(device, pre_dtype, theta_dtype, shape=(23, 11), seed=141):
     eps = 0.1
     pre, theta = make_inputs(shape, pre_dtype, theta_dtype, device, seed=seed, bandwidth=eps)
     g_acts = rand_like_grad(shape, pre_dtype, device, seed + 1)
-    g_l0 = rand_like_grad(shape[:-1], pre_dtype, device, seed + 2)
+    g_l0 = rand_like_grad(shape[:-1], torch.float32, device, seed + 2)
     return pre, theta, eps, g_acts, g_l0
 
 
@@ -162,8 +162,8 @@ def test_jumprelu_backward_op(device, pre_dtype, theta_dtype):
     pre, theta, eps, g, _ = _direct_inputs(device, pre_dtype, theta_dtype)
     grad_pre, grad_theta = ops.jumprelu_backward(g, pre, theta, eps)
     assert grad_pre.device == pre.device and grad_theta.device == pre.device
-    assert_exact(grad_pre, reference.jumprelu_input_grad(cpu(g), cpu(pre), cpu(theta)), "grad_pre")
-    expected, scale = reference_theta_grad(pre, theta, eps, grad_elem=g)
+    assert_exact(grad_pre, reference.input_grad(cpu(pre), cpu(theta), 1.0, cpu(g)), "grad_pre")
+    expected, scale = reference_theta_grad(pre, theta, eps, grad_acts=g)
     assert_theta_grad_close(grad_theta, expected, scale, theta_dtype)
 
 
@@ -171,8 +171,8 @@ def test_jumprelu_backward_op(device, pre_dtype, theta_dtype):
 @pytest.mark.parametrize("pre_dtype,theta_dtype", DTYPE_PAIRS)
 def test_step_backward_op(device, pre_dtype, theta_dtype):
     pre, theta, eps, g, _ = _direct_inputs(device, pre_dtype, theta_dtype)
-    grad_theta = ops.step_backward(g, pre, theta, eps)
-    expected, scale = reference_theta_grad(pre, theta, eps, grad_elem=g, elem_is_jumprelu=False)
+    grad_theta = ops.step_backward(g, pre, theta, eps)[1]
+    expected, scale = reference_theta_grad(pre, theta, eps, grad_acts=g, step=True)
     assert_theta_grad_close(grad_theta, expected, scale, theta_dtype)
 
 
@@ -185,10 +185,10 @@ def test_jumprelu_l0_backward_op(device, pre_dtype, theta_dtype, with_acts, with
     g_l0 = g_l0 if with_l0 else None
     grad_pre, grad_theta = ops.jumprelu_l0_backward(g_acts, g_l0, pre, theta, eps)
     expected_pre = (
-        torch.zeros_like(cpu(pre)) if g_acts is None else reference.jumprelu_input_grad(cpu(g_acts), cpu(pre), cpu(theta))
+        torch.zeros_like(cpu(pre)) if g_acts is None else reference.input_grad(cpu(pre), cpu(theta), 1.0, cpu(g_acts))
     )
     assert_exact(grad_pre, expected_pre, "grad_pre")
-    expected, scale = reference_theta_grad(pre, theta, eps, grad_elem=g_acts, grad_row=g_l0)
+    expected, scale = reference_theta_grad(pre, theta, eps, grad_acts=g_acts, grad_l0=g_l0)
     if g_acts is None and g_l0 is None:
         assert_exact(grad_theta, torch.zeros_like(cpu(theta)), "grad_threshold")
     else:
@@ -208,8 +208,8 @@ def test_backward_ops_accept_non_contiguous_and_expanded_grads(device):
         ga_c = None if ga is None else ga.contiguous()
         gl_c = None if gl is None else gl.contiguous()
         expected = ops.jumprelu_l0_backward(ga_c, gl_c, pre, theta, eps)
-        ref_pre = torch.zeros_like(cpu(pre)) if ga is None else reference.jumprelu_input_grad(cpu(ga_c), cpu(pre), cpu(theta))
+        ref_pre = torch.zeros_like(cpu(pre)) if ga is None else reference.input_grad(cpu(pre), cpu(theta), 1.0, cpu(ga_c))
         assert_exact(got[0], ref_pre, "grad_pre")
-        ref, scale = reference_theta_grad(pre, theta, eps, grad_elem=ga_c, grad_row=gl_c)
+        ref, scale = reference_theta_grad(pre, theta, eps, grad_acts=ga_c, grad_l0=gl_c)
         assert_theta_grad_close(got[1], ref, scale, torch.float32)
         assert_exact(got[1], expected[1], "grad_threshold vs contiguous grads")

@@ -77,8 +77,8 @@ def test_jumprelu(device, pre_dtype, theta_dtype, shape, layout):
     assert acts.dtype == pre_dtype and acts.shape == pre.shape
 
     grad_pre, grad_theta = torch.autograd.grad(acts, (pre, theta), g)
-    assert_exact(grad_pre, reference.jumprelu_input_grad(cpu(g), cpu(pre), cpu(theta)), "grad_pre")
-    expected, scale = reference_theta_grad(pre, theta, BANDWIDTH, grad_elem=g)
+    assert_exact(grad_pre, reference.input_grad(cpu(pre), cpu(theta), 1.0, cpu(g)), "grad_pre")
+    expected, scale = reference_theta_grad(pre, theta, BANDWIDTH, grad_acts=g)
     assert cpu(expected).abs().sum() > 0
     assert_theta_grad_close(grad_theta, expected, scale, theta_dtype)
 
@@ -93,7 +93,7 @@ def test_step(device, pre_dtype, theta_dtype, shape, layout):
 
     grad_pre, grad_theta = grads([out], [pre, theta], [g])
     assert_exact(grad_pre, torch.zeros_like(cpu(pre)), "grad_pre")
-    expected, scale = reference_theta_grad(pre, theta, BANDWIDTH, grad_elem=g, elem_is_jumprelu=False)
+    expected, scale = reference_theta_grad(pre, theta, BANDWIDTH, grad_acts=g, step=True)
     assert cpu(expected).abs().sum() > 0
     assert_theta_grad_close(grad_theta, expected, scale, theta_dtype)
 
@@ -106,22 +106,22 @@ def test_jumprelu_l0(device, pre_dtype, theta_dtype, shape, layout, use):
     acts, l0 = jumprelu_ext.jumprelu_l0(pre, theta, BANDWIDTH)
     assert_exact(acts, reference.jumprelu_forward(cpu(pre), cpu(theta)), "acts")
     assert_exact(l0, reference.l0_forward(cpu(pre), cpu(theta)), "l0")
-    assert l0.shape == pre.shape[:-1] and l0.dtype == pre_dtype
-    # l0 is an exact count of active features (small F: exactly representable in every dtype).
+    assert l0.shape == pre.shape[:-1] and l0.dtype == torch.float32
+    # l0 is an exact count of active features, float32 whatever pre's dtype (docs/ops.md).
     count = (cpu(pre).double() > cpu(theta).double()).sum(-1)
     assert torch.equal(cpu(l0).double(), count.double())
 
-    g_l0 = rand_like_grad(pre.shape[:-1], pre_dtype, device, 7) if use in ("both", "l0") else None
+    g_l0 = rand_like_grad(pre.shape[:-1], torch.float32, device, 7) if use in ("both", "l0") else None
     g_acts = g if use in ("both", "acts") else None
     grad_pre, grad_theta = grads([acts, l0], [pre, theta], [g_acts, g_l0])
 
     expected_pre = (
         torch.zeros_like(cpu(pre))
         if g_acts is None
-        else reference.jumprelu_input_grad(cpu(g_acts), cpu(pre), cpu(theta))
+        else reference.input_grad(cpu(pre), cpu(theta), 1.0, cpu(g_acts))
     )
     assert_exact(grad_pre, expected_pre, "grad_pre")
-    expected, scale = reference_theta_grad(pre, theta, BANDWIDTH, grad_elem=g_acts, grad_row=g_l0)
+    expected, scale = reference_theta_grad(pre, theta, BANDWIDTH, grad_acts=g_acts, grad_l0=g_l0)
     assert cpu(expected).abs().sum() > 0
     assert_theta_grad_close(grad_theta, expected, scale, theta_dtype)
 
@@ -133,16 +133,17 @@ def test_jumprelu_l0_matches_separate_ops(device, pre_dtype, theta_dtype):
     pre.requires_grad_()
     theta.requires_grad_()
     g_acts = rand_like_grad(pre.shape, pre_dtype, device, 12)
-    g_l0 = rand_like_grad(pre.shape[:-1], pre_dtype, device, 13)
+    # Representable in pre's dtype: the separate step's gradient is rounded to it.
+    g_l0 = rand_like_grad(pre.shape[:-1], pre_dtype, device, 13).float()
     acts, l0 = jumprelu_ext.jumprelu_l0(pre, theta, BANDWIDTH)
     fused = grads([acts, l0], [pre, theta], [g_acts, g_l0])
     acts2 = jumprelu_ext.jumprelu(pre, theta, BANDWIDTH)
     steps = jumprelu_ext.step(pre, theta, BANDWIDTH)
     assert_exact(acts, acts2, "acts")
-    assert_exact(l0, steps.float().sum(-1).to(pre_dtype), "l0")
+    assert_exact(l0, steps.float().sum(-1), "l0")
     separate = grads([acts2, steps], [pre, theta], [g_acts, g_l0.unsqueeze(-1).expand_as(steps)])
     assert_exact(fused[0], separate[0], "grad_pre")
-    _, scale = reference_theta_grad(pre, theta, BANDWIDTH, grad_elem=g_acts, grad_row=g_l0)
+    _, scale = reference_theta_grad(pre, theta, BANDWIDTH, grad_acts=g_acts, grad_l0=g_l0)
     # The separate path rounds two partial θ-gradients into θ's dtype before adding them.
     assert_theta_grad_close(fused[1], separate[1], scale, theta_dtype, rounded_terms=scale)
 
@@ -157,7 +158,7 @@ def test_non_contiguous_threshold(device, pre_dtype, theta_dtype):
     assert_exact(acts, reference.jumprelu_forward(cpu(pre), cpu(theta)), "acts")
     assert_exact(l0, reference.l0_forward(cpu(pre), cpu(theta)), "l0")
     (grad_theta,) = torch.autograd.grad(acts, strided_theta, g)
-    expected, scale = reference_theta_grad(pre, theta, BANDWIDTH, grad_elem=g)
+    expected, scale = reference_theta_grad(pre, theta, BANDWIDTH, grad_acts=g)
     assert_theta_grad_close(grad_theta, expected, scale, theta_dtype)
 
 
@@ -168,10 +169,10 @@ def test_default_bandwidth_is_1e_3(device, pre_dtype):
     g = rand_like_grad(pre.shape, pre_dtype, device, 32)
     theta.requires_grad_()
     (got,) = torch.autograd.grad(jumprelu_ext.jumprelu(pre, theta), theta, g)
-    expected, scale = reference_theta_grad(pre, theta, 1e-3, grad_elem=g)
+    expected, scale = reference_theta_grad(pre, theta, 1e-3, grad_acts=g)
     assert cpu(expected).abs().sum() > 0
     assert_theta_grad_close(got, expected, scale, torch.float32)
-    other, _ = reference_theta_grad(pre, theta, 1e-2, grad_elem=g)
+    other, _ = reference_theta_grad(pre, theta, 1e-2, grad_acts=g)
     assert not torch.allclose(cpu(got), other), "the default bandwidth should matter for this data"
 
 
@@ -200,13 +201,13 @@ def test_many_row_chunks_and_wide_features(device, shape, pre_dtype, theta_dtype
     pre.requires_grad_()
     theta.requires_grad_()
     g = rand_like_grad(shape, pre_dtype, device, 51)
-    g_l0 = rand_like_grad(shape[:-1], pre_dtype, device, 52)
+    g_l0 = rand_like_grad(shape[:-1], torch.float32, device, 52)
     acts, l0 = jumprelu_ext.jumprelu_l0(pre, theta, BANDWIDTH)
     assert_exact(acts, reference.jumprelu_forward(cpu(pre), cpu(theta)), "acts")
     assert_exact(l0, reference.l0_forward(cpu(pre), cpu(theta)), "l0")
     grad_pre, grad_theta = grads([acts, l0], [pre, theta], [g, g_l0])
-    assert_exact(grad_pre, reference.jumprelu_input_grad(cpu(g), cpu(pre), cpu(theta)), "grad_pre")
-    expected, scale = reference_theta_grad(pre, theta, BANDWIDTH, grad_elem=g, grad_row=g_l0)
+    assert_exact(grad_pre, reference.input_grad(cpu(pre), cpu(theta), 1.0, cpu(g)), "grad_pre")
+    expected, scale = reference_theta_grad(pre, theta, BANDWIDTH, grad_acts=g, grad_l0=g_l0)
     assert_theta_grad_close(grad_theta, expected, scale, theta_dtype)
 
 
@@ -222,9 +223,9 @@ def test_expanded_pre(device, pre_dtype, theta_dtype):
     acts = jumprelu_ext.jumprelu(pre, theta, BANDWIDTH)
     assert_exact(acts, reference.jumprelu_forward(cpu(pre).contiguous(), cpu(theta)), "acts")
     grad_base, grad_theta = torch.autograd.grad(acts, (base, theta), g)
-    expected_pre = reference.jumprelu_input_grad(cpu(g), cpu(pre).contiguous(), cpu(theta)).double().sum(0, keepdim=True)
+    expected_pre = reference.input_grad(cpu(pre).contiguous(), cpu(theta), 1.0, cpu(g)).double().sum(0, keepdim=True)
     torch.testing.assert_close(cpu(grad_base).double(), expected_pre, rtol=1e-2, atol=1e-2)
-    expected, scale = reference_theta_grad(pre.contiguous(), theta, BANDWIDTH, grad_elem=g)
+    expected, scale = reference_theta_grad(pre.contiguous(), theta, BANDWIDTH, grad_acts=g)
     assert_theta_grad_close(grad_theta, expected, scale, theta_dtype)
 
 
@@ -235,7 +236,7 @@ def test_cuda_side_stream(pre_dtype, theta_dtype):
     default stream's (a kernel on the wrong stream races with the producer of its input)."""
     pre, theta = make_inputs((512, 96), pre_dtype, theta_dtype, "cuda", seed=71, bandwidth=BANDWIDTH)
     g = rand_like_grad(pre.shape, pre_dtype, "cuda", 72)
-    g_l0 = rand_like_grad(pre.shape[:-1], pre_dtype, "cuda", 73)
+    g_l0 = rand_like_grad(pre.shape[:-1], torch.float32, "cuda", 73)
 
     def run():
         p = (pre * 1).requires_grad_()  # produced on the current stream

@@ -1,11 +1,11 @@
-"""SAELens-style eager JumpReLU and Step (autograd Functions in the input dtype, as
-SAELens and most JumpReLU code write them). Benchmarks measure the fused ops against
-these; tests use them as an independent formulation of the same math.
+"""SAELens-style eager JumpReLU and Step (autograd Functions in the input dtype, as SAELens 6.x
+writes them in sae_lens/saes/jumprelu_sae.py). Benchmark-only code: the benchmarks measure the
+fused ops against these; tests/test_baselines.py uses them as an independent formulation.
 """
 
 import torch
 
-from .reference import sum_leading_dims
+from jumprelu_ext.reference import sum_leading_dims
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ class EagerStep(torch.autograd.Function):
         pre, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
         grad_threshold = -(1.0 / eps) * _rectangle((pre - threshold) / eps) * grad
-        return torch.zeros_like(pre), sum_leading_dims(grad_threshold).to(threshold), None
+        return None, sum_leading_dims(grad_threshold).to(threshold), None  # no gradient to pre, like SAELens
 
 
 def eager_jumprelu_l0(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float):

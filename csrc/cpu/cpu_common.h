@@ -1,0 +1,29 @@
+// Helpers shared by the CPU forward and backward kernels.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>  // at::internal::GRAIN_SIZE
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+namespace jumprelu_ext {
+
+// Rows handled together so that work per task is worth a thread.
+inline int64_t row_grain(int64_t features) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(features, 1));
+}
+
+template <typename acc_t, typename theta_t>
+std::vector<acc_t> threshold_as_acc(const at::Tensor& threshold) {
+  const theta_t* src = threshold.const_data_ptr<theta_t>();
+  return std::vector<acc_t>(src, src + threshold.numel());
+}
+
+// Prepares a large fresh output for being written once from scratch (page faults).
+void prepare_output_pages(const at::Tensor& out);
+
+}  // namespace jumprelu_ext

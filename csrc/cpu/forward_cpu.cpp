@@ -1,0 +1,67 @@
+// Fused CPU forward: one pass over pre writes the output (and the per-row L0 count).
+// The row loop is written for the auto-vectoriser (built with -fno-trapping-math, which lets
+// comparisons become masks without changing any result).
+#include <cstdint>
+#include <type_traits>
+
+#include "../dispatch.h"
+#include "../kernels.h"
+#include "cpu_common.h"
+
+namespace jumprelu_ext {
+namespace {
+
+// An integer as wide as acc_t: counting in it keeps the row loop vectorisable
+// (a floating-point sum would need reassociation).
+template <typename acc_t>
+using count_t = std::conditional_t<sizeof(acc_t) == 8, int64_t, int32_t>;
+
+// One row. The row loops are plain functions with __restrict pointer parameters: inside the
+// parallel_for lambdas gcc cannot prove the arrays disjoint and stops vectorising.
+template <typename scalar_t, typename acc_t, ForwardMode MODE>
+count_t<acc_t> forward_row(const scalar_t* __restrict pre, const acc_t* __restrict theta,
+                           scalar_t* __restrict out, int64_t features) {
+  count_t<acc_t> active = 0;
+  for (int64_t j = 0; j < features; ++j) {
+    const acc_t x = static_cast<acc_t>(pre[j]);
+    const acc_t on = x > theta[j] ? acc_t(1) : acc_t(0);
+    // x * on rather than a select: NaN (and -inf) in pre give NaN, like pre·H.
+    out[j] = static_cast<scalar_t>(MODE == ForwardMode::kStep ? on : x * on);
+    if constexpr (MODE == ForwardMode::kJumpReLUL0) active += x > theta[j] ? 1 : 0;
+  }
+  return active;
+}
+
+template <typename scalar_t, typename theta_t, typename acc_t, ForwardMode MODE>
+void forward_kernel(const ForwardArgs& a) {
+  const int64_t rows = a.pre.size(0), features = a.pre.size(1);
+  const scalar_t* pre = a.pre.const_data_ptr<scalar_t>();
+  scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
+  float* l0 = MODE == ForwardMode::kJumpReLUL0 ? a.l0.mutable_data_ptr<float>() : nullptr;
+  const std::vector<acc_t> theta = threshold_as_acc<acc_t, theta_t>(a.threshold);
+  at::parallel_for(0, rows, row_grain(features), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const auto active = forward_row<scalar_t, acc_t, MODE>(pre + r * features, theta.data(),
+                                                             out + r * features, features);
+      if constexpr (MODE == ForwardMode::kJumpReLUL0) l0[r] = static_cast<float>(active);
+    }
+  });
+}
+
+}  // namespace
+
+void forward_cpu(const ForwardArgs& args) {
+  prepare_output_pages(args.out);
+  JUMPRELU_DISPATCH(args.pre, args.threshold, "jumprelu_forward_cpu", [&] {
+    switch (args.mode) {
+      case ForwardMode::kJumpReLU:
+        return forward_kernel<scalar_t, theta_t, acc_t, ForwardMode::kJumpReLU>(args);
+      case ForwardMode::kStep:
+        return forward_kernel<scalar_t, theta_t, acc_t, ForwardMode::kStep>(args);
+      case ForwardMode::kJumpReLUL0:
+        return forward_kernel<scalar_t, theta_t, acc_t, ForwardMode::kJumpReLUL0>(args);
+    }
+  });
+}
+
+}  // namespace jumprelu_ext

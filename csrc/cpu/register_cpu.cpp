@@ -1,0 +1,9 @@
+// The CPU kernels behind the op wrappers of ops.h.
+#include <torch/library.h>
+
+#include "../kernels.h"
+#include "../ops.h"
+
+TORCH_LIBRARY_IMPL(jumprelu_ext, CPU, m) {
+  jumprelu_ext::register_ops<jumprelu_ext::forward_cpu, jumprelu_ext::backward_cpu>(m);
+}
