@@ -62,6 +62,7 @@ class JumpReLUSAE(nn.Module):
     the weights use: a bf16 θ stops learning (its updates round away). The initial weights
     depend on torch's global seed; ``first_feature`` makes this module features
     first_feature … first_feature+d_sae−1 of a wider SAE drawn from the same seed (sharding).
+    ``ste_to_input=True`` lets the straight-through term reach pre (and so the encoder) as well.
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class JumpReLUSAE(nn.Module):
         device=None,
         dtype=None,
         first_feature=0,
+        ste_to_input=False,
     ):
         super().__init__()
         _check_positive_int("d_in", d_in)
@@ -85,6 +87,10 @@ class JumpReLUSAE(nn.Module):
         self.d_in, self.d_sae = d_in, d_sae
         self.bandwidth = float(bandwidth)
         self.threshold_param = threshold_param
+        if not isinstance(ste_to_input, bool):
+            raise ValueError(f"JumpReLUSAE: ste_to_input must be a bool, got {ste_to_input!r}")
+        # The straight-through term also reaches pre (Anthropic 2025; docs/ops.md, "ste_to_input").
+        self.ste_to_input = ste_to_input
         dtype = dtype if dtype is not None else torch.get_default_dtype()
 
         # Decoder rows are random unit vectors and the encoder starts as their transpose.
@@ -124,7 +130,7 @@ class JumpReLUSAE(nn.Module):
 
     def activate(self, pre: torch.Tensor):
         """pre [..., d_sae] -> (JumpReLU acts, per-row L0), fused in one op."""
-        return jumprelu_l0(pre, self.threshold, self.bandwidth)
+        return jumprelu_l0(pre, self.threshold, self.bandwidth, self.ste_to_input)
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W_enc + b_enc, after checking the input's width."""

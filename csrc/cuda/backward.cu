@@ -4,6 +4,7 @@
 // (row chunk, threadIdx.y) and column; a second kernel sums the partials in a fixed order, so
 // the θ gradient is bitwise reproducible without floating-point atomics.
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 

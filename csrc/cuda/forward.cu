@@ -3,6 +3,7 @@
 // block's warps through shared memory) and added to the row's integer counter with one atomic
 // per block and row: integer atomics are exact in any order.
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
