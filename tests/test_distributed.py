@@ -186,3 +186,40 @@ def test_ranks_share_the_harvest_and_train_as_one_process(tmp_path):
     assert_same_sae(tmp_path / "two", tmp_path / "single")
     downstream = [json.loads((tmp_path / d / "eval.json").read_text())["downstream"] for d in ("two", "single")]
     np.testing.assert_allclose(downstream[0]["delta_ce"], downstream[1]["delta_ce"], rtol=1e-4, atol=1e-6)
+
+
+# Run by torchrun: trains, then reports the threads that are not Python threads (gloo's workers
+# would be among them) before joining the process group and after the trainer has returned.
+THREAD_PROBE = """
+import os, sys, threading
+def native_threads():
+    return len(os.listdir("/proc/self/task")) - len(threading.enumerate())
+before = native_threads()
+from jumprelu_ext.train import loop
+status = loop.main(sys.argv[1:])
+print(f"rank {os.environ['RANK']}: status {status}, native threads {before} -> {native_threads()}", flush=True)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_the_process_group_is_gone_when_the_trainer_returns(activations, tmp_path):
+    """A rank must not reach interpreter shutdown with live gloo threads: one that dropped its
+    last reference to a finished collective there aborted the rank ("terminate called without an
+    active exception") about 1 run in 15, after the run had succeeded (docs/trainer.md#distributed-layouts)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(THREAD_PROBE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(probe)]
+    result = subprocess.run(
+        [*command, *flags(activations, tmp_path / "out", "--steps", "4")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reports = [line for line in result.stdout.splitlines() if line.startswith("rank ")]
+    assert len(reports) == 2, result.stdout
+    for line in reports:
+        counts = line.split("native threads ")[1].split(" -> ")
+        assert counts[0] == counts[1], line

@@ -62,6 +62,13 @@ def init(device_name: str, shard_features: bool) -> tuple[Layout, torch.device]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Layout(), resolve_device(device_name)
+    # torch.distributed.fsdp.sharded_grad_scaler takes `dist.group.WORLD` as a default argument
+    # when it is imported, and torch._dynamo (which the optimizer imports) imports it. Imported
+    # after init_process_group, that default keeps the group alive past destroy_process_group:
+    # its gloo threads then outlive the interpreter's finalisation and can abort a rank that has
+    # finished its work ("terminate called without an active exception"). Import it first.
+    import torch._dynamo  # noqa: F401
+
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda:

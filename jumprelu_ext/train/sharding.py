@@ -1,7 +1,7 @@
 """Feature sharding (``--shard-features``): rank r holds features [r·F/W, (r+1)·F/W), their
 encoder columns, decoder rows, thresholds and Adam state; every rank sees the whole batch and the
 partial reconstructions and per-row feature sums are summed over ranks. Checkpoints and the
-exported SAE are gathered to rank 0 in the single-process format (docs/trainer.md#distributed-training)."""
+exported SAE are gathered to rank 0 in the single-process format (docs/trainer.md#distributed-layouts)."""
 
 from __future__ import annotations
 
