@@ -69,8 +69,8 @@ OPS = {
         eager=eager_jumprelu_l0,
         ref_forward=lambda pre, th, eps: (ref.jumprelu_forward(pre, th), ref.l0_forward(pre, th)),
         ref_backward=lambda g, pre, th, eps: (
-            ref.jumprelu_input_grad(g[0], pre, th),
-            ref.threshold_grad(pre, th, eps, grad_elem=g[0], grad_row=g[1]),
+            ref.input_grad(pre, th, eps, grad_acts=g[0]),
+            ref.threshold_grad(pre, th, eps, grad_acts=g[0], grad_l0=g[1]),
         ),
         bwd_big_tensors=3,
         row_output=True,
@@ -81,20 +81,21 @@ OPS = {
         eager=EagerJumpReLU.apply,
         ref_forward=lambda pre, th, eps: ref.jumprelu_forward(pre, th),
         ref_backward=lambda g, pre, th, eps: (
-            ref.jumprelu_input_grad(g[0], pre, th),
-            ref.threshold_grad(pre, th, eps, grad_elem=g[0]),
+            ref.input_grad(pre, th, eps, grad_acts=g[0]),
+            ref.threshold_grad(pre, th, eps, grad_acts=g[0]),
         ),
         bwd_big_tensors=3,
         row_output=False,
     ),
     "step": OpSpec(
         ours=jumprelu_ext.step,
-        ours_backward=lambda g, pre, th, eps: _ops().step_backward(g[0], pre, th, eps),
+        # As autograd calls it: no term of the step reaches pre, so grad_pre is not asked for.
+        ours_backward=lambda g, pre, th, eps: _ops().step_backward(g[0], pre, th, eps, False, False, True),
         eager=EagerStep.apply,
         ref_forward=lambda pre, th, eps: ref.step_forward(pre, th),
         ref_backward=lambda g, pre, th, eps: (
             None,
-            ref.threshold_grad(pre, th, eps, grad_elem=g[0], elem_is_jumprelu=False),
+            ref.threshold_grad(pre, th, eps, grad_acts=g[0], step=True),
         ),
         bwd_big_tensors=2,  # no gradient flows to pre
         row_output=False,
@@ -105,7 +106,7 @@ OPS = {
 def bytes_moved(spec: OpSpec, mode: str, rows: int, features: int, size: int, theta_size: int) -> int:
     """Minimal memory traffic of one call: every tensor read or written once."""
     big = rows * features * size
-    row = rows * size if spec.row_output else 0  # L0 out, or its gradient in
+    row = rows * 4 if spec.row_output else 0  # L0 out (float32), or its gradient in
     fwd = 2 * big + features * theta_size + row  # read pre, θ; write out (and L0)
     bwd = spec.bwd_big_tensors * big + 2 * features * theta_size + row  # + read θ, write grad_θ
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
@@ -188,8 +189,8 @@ def make_inputs(spec: OpSpec, shape, dtype, device):
     pre = torch.randn(shape, device=device).to(dtype)
     threshold = torch.empty(features, device=device).uniform_(0.5, 1.5)
     grads = (torch.randn_like(pre),)
-    if spec.row_output:
-        grads += (torch.randn(rows, device=device, dtype=dtype),)
+    if spec.row_output:  # the L0 count (and so its gradient) is float32 whatever pre's dtype
+        grads += (torch.randn(rows, device=device, dtype=torch.float32),)
     return pre, threshold, grads
 
 

@@ -65,6 +65,10 @@ constexpr bool writes_grad_pre(BackwardMode m) {
   return m == BackwardMode::kActsToPre || m == BackwardMode::kL0ToPre;
 }
 
+// Output allocation: large CPU outputs come from a cache of already faulted-in buffers
+// (cpu/output_cache.cpp); elsewhere at::empty.
+at::Tensor empty_cpu(at::IntArrayRef sizes, const at::TensorOptions& options);
+
 void forward_cpu(const ForwardArgs& args);
 void backward_cpu(const BackwardArgs& args);
 void forward_cuda(const ForwardArgs& args);

@@ -1,6 +1,7 @@
 // Backend-independent op wrappers: input checks, reshaping to [rows, features],
-// output allocation (the contract: docs/ops.md). Each backend registers them with its own two kernels:
-//   register_ops<forward_cpu, backward_cpu>(m);
+// output allocation (the contract: docs/ops.md). Each backend registers them with its own two
+// kernels and, optionally, its allocator for the large outputs:
+//   register_ops<forward_cpu, backward_cpu, empty_cpu>(m);
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,6 +19,11 @@ namespace jumprelu_ext {
 
 using ForwardFn = void (*)(const ForwardArgs&);
 using BackwardFn = void (*)(const BackwardArgs&);
+using EmptyFn = at::Tensor (*)(at::IntArrayRef, const at::TensorOptions&);
+
+inline at::Tensor empty_default(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::empty(sizes, options);
+}
 
 inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
@@ -75,7 +81,7 @@ inline at::Tensor as_rows(const at::Tensor& pre, const RowView& v) {
   return pre.contiguous().view({v.rows, v.features});
 }
 
-template <ForwardFn forward>
+template <ForwardFn forward, EmptyFn empty>
 std::tuple<at::Tensor, at::Tensor> run_forward(const char* op, const at::Tensor& pre,
                                                const at::Tensor& threshold, double bandwidth,
                                                ForwardMode mode) {
@@ -83,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const char* op, const at::Tensor&
   ForwardArgs args;
   args.pre = as_rows(pre, v);
   args.threshold = threshold.contiguous();
-  args.out = at::empty({v.rows, v.features}, pre.options());
+  args.out = empty({v.rows, v.features}, pre.options());
   args.mode = mode;
   const bool with_l0 = mode == ForwardMode::kJumpReLUL0;
   // float32 whatever pre's dtype: exact counts up to 2^24 (docs/ops.md, "L0 dtype").
@@ -94,24 +100,24 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const char* op, const at::Tensor&
 }
 
 // ste_to_input changes only the backward; the forward ops take it so that autograd sees it.
-template <ForwardFn forward>
+template <ForwardFn forward, EmptyFn empty>
 at::Tensor jumprelu_op(const at::Tensor& pre, const at::Tensor& threshold, double bandwidth,
                        bool /*ste_to_input*/) {
   return std::get<0>(
-      run_forward<forward>("jumprelu", pre, threshold, bandwidth, ForwardMode::kJumpReLU));
+      run_forward<forward, empty>("jumprelu", pre, threshold, bandwidth, ForwardMode::kJumpReLU));
 }
 
-template <ForwardFn forward>
+template <ForwardFn forward, EmptyFn empty>
 at::Tensor step_op(const at::Tensor& pre, const at::Tensor& threshold, double bandwidth,
                    bool /*ste_to_input*/) {
-  return std::get<0>(run_forward<forward>("step", pre, threshold, bandwidth, ForwardMode::kStep));
+  return std::get<0>(run_forward<forward, empty>("step", pre, threshold, bandwidth, ForwardMode::kStep));
 }
 
-template <ForwardFn forward>
+template <ForwardFn forward, EmptyFn empty>
 std::tuple<at::Tensor, at::Tensor> jumprelu_l0_op(const at::Tensor& pre,
                                                   const at::Tensor& threshold, double bandwidth,
                                                   bool /*ste_to_input*/) {
-  return run_forward<forward>("jumprelu_l0", pre, threshold, bandwidth, ForwardMode::kJumpReLUL0);
+  return run_forward<forward, empty>("jumprelu_l0", pre, threshold, bandwidth, ForwardMode::kJumpReLUL0);
 }
 
 // Which gradients the caller asked for (autograd passes ctx.needs_input_grad).
@@ -123,7 +129,7 @@ struct Wanted {
 
 // Shared by the three backward ops: grad_acts and grad_l0 may each be missing. An output that
 // was not asked for is returned as an empty tensor, and never computed.
-template <BackwardFn backward>
+template <BackwardFn backward, EmptyFn empty>
 std::tuple<at::Tensor, at::Tensor> run_backward(const char* op,
                                                 const std::optional<at::Tensor>& grad_acts,
                                                 bool step,
@@ -153,10 +159,10 @@ std::tuple<at::Tensor, at::Tensor> run_backward(const char* op,
   at::Tensor grad_pre = at::empty({0}, pre.options());
   if (wanted.grad_pre) {
     if (pre_has_terms) {
-      args.grad_pre = at::empty({v.rows, v.features}, pre.options());
+      args.grad_pre = empty({v.rows, v.features}, pre.options());
       grad_pre = args.grad_pre.view(pre.sizes());
     } else {
-      grad_pre = at::zeros(pre.sizes(), pre.options());  // asked for, but no term reaches pre
+      grad_pre = empty(pre.sizes(), pre.options()).zero_();  // asked for, but no term reaches pre
     }
   }
   at::Tensor grad_threshold = at::empty({0}, threshold.options());
@@ -173,45 +179,45 @@ std::tuple<at::Tensor, at::Tensor> run_backward(const char* op,
   return {grad_pre, grad_threshold};
 }
 
-template <BackwardFn backward>
+template <BackwardFn backward, EmptyFn empty>
 std::tuple<at::Tensor, at::Tensor> jumprelu_backward_op(const at::Tensor& grad_acts,
                                                         const at::Tensor& pre,
                                                         const at::Tensor& threshold,
                                                         double bandwidth, bool ste_to_input,
                                                         bool needs_grad_pre,
                                                         bool needs_grad_threshold) {
-  return run_backward<backward>("jumprelu_backward", grad_acts, false, std::nullopt, pre,
+  return run_backward<backward, empty>("jumprelu_backward", grad_acts, false, std::nullopt, pre,
                                 threshold, bandwidth,
                                 {ste_to_input, needs_grad_pre, needs_grad_threshold});
 }
 
-template <BackwardFn backward>
+template <BackwardFn backward, EmptyFn empty>
 std::tuple<at::Tensor, at::Tensor> step_backward_op(const at::Tensor& grad_step,
                                                     const at::Tensor& pre,
                                                     const at::Tensor& threshold, double bandwidth,
                                                     bool ste_to_input, bool needs_grad_pre,
                                                     bool needs_grad_threshold) {
-  return run_backward<backward>("step_backward", grad_step, true, std::nullopt, pre, threshold,
+  return run_backward<backward, empty>("step_backward", grad_step, true, std::nullopt, pre, threshold,
                                 bandwidth, {ste_to_input, needs_grad_pre, needs_grad_threshold});
 }
 
-template <BackwardFn backward>
+template <BackwardFn backward, EmptyFn empty>
 std::tuple<at::Tensor, at::Tensor> jumprelu_l0_backward_op(
     const std::optional<at::Tensor>& grad_acts, const std::optional<at::Tensor>& grad_l0,
     const at::Tensor& pre, const at::Tensor& threshold, double bandwidth, bool ste_to_input,
     bool needs_grad_pre, bool needs_grad_threshold) {
-  return run_backward<backward>("jumprelu_l0_backward", grad_acts, false, grad_l0, pre, threshold,
+  return run_backward<backward, empty>("jumprelu_l0_backward", grad_acts, false, grad_l0, pre, threshold,
                                 bandwidth, {ste_to_input, needs_grad_pre, needs_grad_threshold});
 }
 
-template <ForwardFn forward, BackwardFn backward>
+template <ForwardFn forward, BackwardFn backward, EmptyFn empty = empty_default>
 void register_ops(torch::Library& m) {
-  m.impl("jumprelu", &jumprelu_op<forward>);
-  m.impl("step", &step_op<forward>);
-  m.impl("jumprelu_l0", &jumprelu_l0_op<forward>);
-  m.impl("jumprelu_backward", &jumprelu_backward_op<backward>);
-  m.impl("step_backward", &step_backward_op<backward>);
-  m.impl("jumprelu_l0_backward", &jumprelu_l0_backward_op<backward>);
+  m.impl("jumprelu", &jumprelu_op<forward, empty>);
+  m.impl("step", &step_op<forward, empty>);
+  m.impl("jumprelu_l0", &jumprelu_l0_op<forward, empty>);
+  m.impl("jumprelu_backward", &jumprelu_backward_op<backward, empty>);
+  m.impl("step_backward", &step_backward_op<backward, empty>);
+  m.impl("jumprelu_l0_backward", &jumprelu_l0_backward_op<backward, empty>);
 }
 
 }  // namespace jumprelu_ext

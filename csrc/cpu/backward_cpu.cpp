@@ -100,7 +100,6 @@ void backward_kernel(const BackwardArgs& a) {
 }  // namespace
 
 void backward_cpu(const BackwardArgs& args) {
-  prepare_output_pages(args.grad_pre);
   JUMPRELU_DISPATCH(args.pre, args.threshold, "jumprelu_backward_cpu", [&] {
     switch (backward_mode(args)) {
       case BackwardMode::kActs:

@@ -23,7 +23,5 @@ std::vector<acc_t> threshold_as_acc(const at::Tensor& threshold) {
   return std::vector<acc_t>(src, src + threshold.numel());
 }
 
-// Prepares a large fresh output for being written once from scratch (page faults).
-void prepare_output_pages(const at::Tensor& out);
 
 }  // namespace jumprelu_ext

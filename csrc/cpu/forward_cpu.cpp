@@ -51,7 +51,6 @@ void forward_kernel(const ForwardArgs& a) {
 }  // namespace
 
 void forward_cpu(const ForwardArgs& args) {
-  prepare_output_pages(args.out);
   JUMPRELU_DISPATCH(args.pre, args.threshold, "jumprelu_forward_cpu", [&] {
     switch (args.mode) {
       case ForwardMode::kJumpReLU:

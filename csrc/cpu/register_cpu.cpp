@@ -5,5 +5,6 @@
 #include "../ops.h"
 
 TORCH_LIBRARY_IMPL(jumprelu_ext, CPU, m) {
-  jumprelu_ext::register_ops<jumprelu_ext::forward_cpu, jumprelu_ext::backward_cpu>(m);
+  jumprelu_ext::register_ops<jumprelu_ext::forward_cpu, jumprelu_ext::backward_cpu,
+                              jumprelu_ext::empty_cpu>(m);
 }
