@@ -56,6 +56,11 @@ def _time_reps(fn: Callable[[], object], device: torch.device, reps: int) -> lis
     return [start.elapsed_time(end) for start, end in events]
 
 
+def time_once_ms(fn: Callable[[], object], device: torch.device) -> list[float]:
+    """One call of fn, timed like a rep of measure_ms (no warm-up)."""
+    return _time_reps(fn, device, 1)
+
+
 def measure_ms(fn: Callable[[], object], device: torch.device, plan: TimingPlan) -> tuple[float, int]:
     """Median time of fn in ms and the number of timed reps."""
     for _ in range(plan.warmup):  # compilation, allocator and cache warm-up
