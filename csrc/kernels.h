@@ -1,6 +1,6 @@
 // The contract between the backend-independent op wrappers (ops.h) and the per-backend
 // kernels (cpu/, cuda/). Wrappers validate, reshape to [rows, features], make everything
-// contiguous and allocate; kernels only compute. Vocabulary as in the schemas (docs/ops.md):
+// contiguous and allocate; kernels only compute. Vocabulary as in the schemas (docs/ops.md#schemas):
 // grad_acts is the gradient of the elementwise output (acts, or the step for `step`), grad_l0
 // the gradient of the per-row L0 count.
 #pragma once
@@ -24,7 +24,7 @@ struct ForwardArgs {
   ForwardMode mode = ForwardMode::kJumpReLU;
 };
 
-// The term each element adds to the θ gradient (docs/ops.md, "Gradients"):
+// The term each element adds to the θ gradient (docs/ops.md#ste_to_input):
 //   term = K((pre−θ)/ε) · (c·grad_acts + grad_l0),  c = θ (JumpReLU) or 1 (step),
 //   grad_θ_j = −(1/ε) Σ_rows term,
 //   grad_pre = H(pre−θ)·grad_acts (JumpReLU only) + term/ε (ste_to_input only).

@@ -92,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const char* op, const at::Tensor&
   args.out = empty({v.rows, v.features}, pre.options());
   args.mode = mode;
   const bool with_l0 = mode == ForwardMode::kJumpReLUL0;
-  // float32 whatever pre's dtype: exact counts up to 2^24 (docs/ops.md, "L0 dtype").
+  // float32 whatever pre's dtype: exact counts up to 2^24 (docs/ops.md#l0-dtype).
   if (with_l0) args.l0 = at::zeros({v.rows}, pre.options().dtype(at::kFloat));
   if (pre.numel() > 0) forward(args);
   at::Tensor l0 = with_l0 ? args.l0.view(v.leading) : at::Tensor();

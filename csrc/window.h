@@ -3,7 +3,7 @@
 // With d = pre − θ rounded to acc_t, the definition is fl(d/ε) ∈ (−½, ½). Correctly rounded
 // division is monotone in d and odd in d, so that set is exactly −hi ≤ d ≤ hi, where hi is the
 // largest acc_t whose rounded quotient by ε is still below ½. hi is found once per call here;
-// each element then needs two comparisons instead of a division (docs/ops.md, "Window").
+// each element then needs two comparisons instead of a division (docs/ops.md#window).
 #pragma once
 
 #include <cmath>

@@ -98,7 +98,7 @@ class _RefuseDoubleBackward(torch.autograd.Function):
 def double_backward_message(op: str) -> str:
     return (
         f"jumprelu_ext::{op}: double backward is not supported (its gradients are straight-through "
-        "estimates, not derivatives that can be differentiated again); see docs/ops.md"
+        "estimates, not derivatives that can be differentiated again); see docs/ops.md#double-backward"
     )
 
 

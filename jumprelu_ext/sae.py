@@ -89,7 +89,7 @@ class JumpReLUSAE(nn.Module):
         self.threshold_param = threshold_param
         if not isinstance(ste_to_input, bool):
             raise ValueError(f"JumpReLUSAE: ste_to_input must be a bool, got {ste_to_input!r}")
-        # The straight-through term also reaches pre (Anthropic 2025; docs/ops.md, "ste_to_input").
+        # The straight-through term also reaches pre (Anthropic 2025; docs/ops.md#ste_to_input).
         self.ste_to_input = ste_to_input
         dtype = dtype if dtype is not None else torch.get_default_dtype()
 

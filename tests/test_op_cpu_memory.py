@@ -1,5 +1,5 @@
 """Large CPU outputs come from a cache of already faulted-in buffers (csrc/cpu/output_cache.cpp,
-docs/ops.md "CPU memory"): reused across calls, ordinary resizable tensors, and switched off by
+docs/ops.md#cpu-memory): reused across calls, ordinary resizable tensors, and switched off by
 JUMPRELU_EXT_CPU_CACHE_MIB=0."""
 
 import os

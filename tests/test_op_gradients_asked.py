@@ -1,5 +1,5 @@
 """Gradients only where asked, double backward refused, and one non-finite-θ policy
-(docs/ops.md, "Gradients only where asked", "Double backward", "Non-finite θ")."""
+(docs/ops.md#gradients-only-where-asked, #double-backward, #non-finite-θ)."""
 
 import math
 
@@ -147,7 +147,7 @@ def test_nonfinite_theta_l0_gradient_only(device, ste):
 @requires_compiled
 def test_nonfinite_theta_with_acts_gradient(device):
     """When grad_acts flows, the term θ·grad_acts meets 0·inf: NaN in the kernels and the reference
-    alike (pre·H(pre−θ) semantics, docs/ops.md)."""
+    alike (pre·H(pre−θ) semantics, docs/ops.md#non-finite-θ)."""
     pre, theta = _nonfinite_theta(device)
     g = rand_like_grad(pre.shape, torch.float32, device, 912)
     g_l0 = rand_like_grad(pre.shape[:-1], torch.float32, device, 913)

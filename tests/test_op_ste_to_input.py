@@ -1,5 +1,5 @@
 """ste_to_input (Anthropic, January 2025; SAELens 6.x ``jumprelu_ste_to_input``): pre also gets
-the straight-through term, each element's θ term negated (docs/ops.md, "ste_to_input").
+the straight-through term, each element's θ term negated (docs/ops.md#ste_to_input).
 
 Checked against an independent restatement of SAELens's JumpReLU/Step autograd Functions with
 the flag (sae_lens/saes/jumprelu_sae.py: the flag subtracts the per-element threshold gradient

@@ -1,7 +1,7 @@
 """The kernels' window test compares d = pre − θ with bounds found once per call instead of
 dividing every element (csrc/window.h). It must decide exactly as the definition,
 fl((pre − θ)/ε) ∈ (−½, ½), which the reference evaluates: swept here over many ε and the ulps
-around both edges (docs/ops.md, "Window")."""
+around both edges (docs/ops.md#window)."""
 
 import math
 

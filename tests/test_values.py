@@ -107,7 +107,7 @@ def test_jumprelu_l0(device, pre_dtype, theta_dtype, shape, layout, use):
     assert_exact(acts, reference.jumprelu_forward(cpu(pre), cpu(theta)), "acts")
     assert_exact(l0, reference.l0_forward(cpu(pre), cpu(theta)), "l0")
     assert l0.shape == pre.shape[:-1] and l0.dtype == torch.float32
-    # l0 is an exact count of active features, float32 whatever pre's dtype (docs/ops.md).
+    # l0 is an exact count of active features, float32 whatever pre's dtype (docs/ops.md#l0-dtype).
     count = (cpu(pre).double() > cpu(theta).double()).sum(-1)
     assert torch.equal(cpu(l0).double(), count.double())
 

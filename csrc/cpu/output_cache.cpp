@@ -1,5 +1,5 @@
 // Large CPU outputs (acts, grad_pre) come from a small cache of buffers whose pages are already
-// faulted in (docs/ops.md, "CPU memory").
+// faulted in (docs/ops.md#cpu-memory).
 //
 // Why: torch's CPU allocator gets every large tensor from a fresh mmap and unmaps it when freed,
 // so each op pays a first-touch page fault per page of its outputs. In a VM with free page

@@ -5,7 +5,7 @@
 // blockDim.y threads down rows (blockDim.y > 1 only when the features are too few to fill 256
 // threads); blockIdx.y picks a contiguous chunk of rows that the block walks. θ for the thread's
 // columns is read once into registers. The layout depends only on (rows, features, dtype), which
-// keeps the backward's θ gradient bitwise reproducible (docs/ops.md, "Determinism").
+// keeps the backward's θ gradient bitwise reproducible (docs/ops.md#determinism).
 #pragma once
 
 #include <ATen/core/Tensor.h>
