@@ -21,16 +21,16 @@ import datetime
 import shlex
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import torch
 
 import harness
+import torch
+from baselines import EagerJumpReLU, EagerStep, eager_jumprelu_l0
+
 import jumprelu_ext
 from jumprelu_ext import reference as ref
-from baselines import EagerJumpReLU, EagerStep, eager_jumprelu_l0
 
 BANDWIDTH = 1e-3  # ε, the paper's default
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -215,8 +215,14 @@ def run_case(device, op: str, dtype, shape, plan, compile_baseline, clone) -> li
     for mode in MODES:
         by_impl = {}
         for impl, fns in impls.items():
-            record = {"op": op, "impl": impl, "mode": mode, "dtype": str(dtype).replace("torch.", ""),
-                      "threshold_dtype": "float32", "shape": list(shape)}
+            record = {
+                "op": op,
+                "impl": impl,
+                "mode": mode,
+                "dtype": str(dtype).replace("torch.", ""),
+                "threshold_dtype": "float32",
+                "shape": list(shape),
+            }
             try:
                 ms, reps = harness.measure_ms(fns[mode], device, plan)
                 num_bytes = bytes_moved(spec, mode, *shape, pre.element_size(), threshold.element_size())
@@ -251,20 +257,36 @@ def run_interleaved(device, dtype, shape, runs: int, calls: int) -> list[dict]:
             for impl, fn in (("eager", eager), ("ours", ours)):
                 times[impl] += harness.time_once_ms(fn, device)
         eager_ms, ours_ms = statistics.median(times["eager"]), statistics.median(times["ours"])
-        records.append({"op": "jumprelu_l0", "impl": "ours", "mode": "fwd+bwd interleaved",
-                        "dtype": str(dtype).replace("torch.", ""), "threshold_dtype": "float32",
-                        "shape": list(shape), "run": run, "ms": ours_ms, "max_ms": max(times["ours"]),
-                        "eager_ms": eager_ms, "reps": calls, "speedup_vs_eager": eager_ms / ours_ms})
+        records.append(
+            {
+                "op": "jumprelu_l0",
+                "impl": "ours",
+                "mode": "fwd+bwd interleaved",
+                "dtype": str(dtype).replace("torch.", ""),
+                "threshold_dtype": "float32",
+                "shape": list(shape),
+                "run": run,
+                "ms": ours_ms,
+                "max_ms": max(times["ours"]),
+                "eager_ms": eager_ms,
+                "reps": calls,
+                "speedup_vs_eager": eager_ms / ours_ms,
+            }
+        )
     return records
 
 
 def interleaved_summary(records: list[dict]) -> dict:
     """The median run (by ratio), with the spread over runs."""
     ratios = sorted(r["speedup_vs_eager"] for r in records)
-    return {**records[0], "run": "median", "speedup_vs_eager": statistics.median(ratios),
-            "ms": statistics.median(r["ms"] for r in records),
-            "eager_ms": statistics.median(r["eager_ms"] for r in records),
-            "spread": f"{ratios[0]:.1f}-{ratios[-1]:.1f}x over {len(ratios)} runs"}
+    return {
+        **records[0],
+        "run": "median",
+        "speedup_vs_eager": statistics.median(ratios),
+        "ms": statistics.median(r["ms"] for r in records),
+        "eager_ms": statistics.median(r["eager_ms"] for r in records),
+        "spread": f"{ratios[0]:.1f}-{ratios[-1]:.1f}x over {len(ratios)} runs",
+    }
 
 
 # Peak extra CPU memory of one backward, in a fresh process with the output cache off (so every
@@ -304,8 +326,13 @@ def grad_memory(shape) -> list[dict]:
     env = {**os.environ, "JUMPRELU_EXT_CPU_CACHE_MIB": "0"}
     records = []
     for case, what in GRAD_MEMORY_CASES.items():
-        out = subprocess.run([sys.executable, "-c", _GRAD_MEMORY_SCRIPT, *map(str, shape), case], env=env,
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", _GRAD_MEMORY_SCRIPT, *map(str, shape), case],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         records.append({"case": case, "what": what, "shape": list(shape), "peak_mib": float(out.stdout.split()[-1])})
         print(f"{case:11s} {what:62s} peak extra {records[-1]['peak_mib']:8.1f} MiB", flush=True)
     return records
@@ -315,9 +342,18 @@ def measure_clone(device, dtype, shape, plan) -> dict:
     pre = torch.randn(shape, device=device).to(dtype)
     ms, reps = harness.measure_ms(pre.clone, device, plan)
     num_bytes = 2 * pre.numel() * pre.element_size()  # read + write
-    return {"op": "clone", "impl": "torch.clone", "mode": "-", "dtype": str(dtype).replace("torch.", ""),
-            "shape": list(shape), "ms": ms, "reps": reps, "bytes": num_bytes,
-            "gb_per_s": gbps(num_bytes, ms), "fraction_of_clone": 1.0}
+    return {
+        "op": "clone",
+        "impl": "torch.clone",
+        "mode": "-",
+        "dtype": str(dtype).replace("torch.", ""),
+        "shape": list(shape),
+        "ms": ms,
+        "reps": reps,
+        "bytes": num_bytes,
+        "gb_per_s": gbps(num_bytes, ms),
+        "fraction_of_clone": 1.0,
+    }
 
 
 # --- reporting ---
@@ -383,15 +419,21 @@ def check_targets(device_type: str, records: list[dict]) -> list[str]:
     lines = []
     for target in TARGETS[device_type]:
         for r in records:
-            if (r["impl"] == "ours" and r["op"] in target.ops and r["mode"] in target.modes
-                    and r.get("run", "median") == "median"
-                    and (tuple(r["shape"]), r["dtype"]) in default_cases):
+            if (
+                r["impl"] == "ours"
+                and r["op"] in target.ops
+                and r["mode"] in target.modes
+                and r.get("run", "median") == "median"
+                and (tuple(r["shape"]), r["dtype"]) in default_cases
+            ):
                 value = r.get(target.key)
                 verdict = "n/a" if value is None else ("met" if value >= target.minimum else "NOT MET")
                 shown = "-" if value is None else f"{value:.2f}"
                 shape = "x".join(map(str, r["shape"]))
-                lines.append(f"- {r['op']} {r['mode']} {r['dtype']} {shape}: "
-                             f"{target.key} = {shown} (target >= {target.minimum:g}): {verdict}")
+                lines.append(
+                    f"- {r['op']} {r['mode']} {r['dtype']} {shape}: "
+                    f"{target.key} = {shown} (target >= {target.minimum:g}): {verdict}"
+                )
     return lines
 
 
@@ -412,8 +454,9 @@ def markdown_section(env: dict, command: str, records: list[dict], target_lines:
         lines += [
             "Interleaved with the eager pair (`jumprelu_l0` fwd+bwd, one call of each in turn):",
             "",
-            *harness.table_lines(INTERLEAVED_COLUMNS, [{**r, "shape_str": "x".join(map(str, r["shape"]))}
-                                                       for r in interleaved]),
+            *harness.table_lines(
+                INTERLEAVED_COLUMNS, [{**r, "shape_str": "x".join(map(str, r["shape"]))} for r in interleaved]
+            ),
             "",
         ]
     lines += ["Targets:", "", *target_lines] if target_lines else ["No target applies to these cases."]
@@ -441,8 +484,10 @@ def run_device(device: torch.device, args) -> tuple[list[dict], dict, Path]:
     dtypes = args.dtypes or default_dtypes
     plan = QUICK_PLAN if args.quick else PLANS[device.type]
     out = args.out / f"{datetime.datetime.now():%Y%m%d-%H%M%S}_{device.type}.jsonl"
-    print(f"\n# {env['device']}: {env['device_name']} | torch {env['torch_version']} | "
-          f"{env['threads']} threads | {env['date']} | git {env['git']} | _C built {env['extension_built']}")
+    print(
+        f"\n# {env['device']}: {env['device_name']} | torch {env['torch_version']} | "
+        f"{env['threads']} threads | {env['date']} | git {env['git']} | _C built {env['extension_built']}"
+    )
     print("\n".join(table([], header=True)), flush=True)
     records = []
     for dtype in dtypes:
@@ -455,7 +500,12 @@ def run_device(device: torch.device, args) -> tuple[list[dict], dict, Path]:
                 runs = run_interleaved(device, dtype, shape, args.interleaved_runs, calls=3 if args.quick else 4)
                 case_records += [*runs, interleaved_summary(runs)]
             for r in case_records:
-                r.update({k: env[k] for k in ("device", "device_name", "torch_version", "threads", "date", "git", "extension_built")})
+                r.update(
+                    {
+                        k: env[k]
+                        for k in ("device", "device_name", "torch_version", "threads", "date", "git", "extension_built")
+                    }
+                )
             harness.write_jsonl(out, case_records)
             print("\n".join(table([r for r in case_records if "run" not in r], header=False)), flush=True)
             interleaved = [r for r in case_records if "run" in r]
@@ -483,21 +533,37 @@ def parse_args(argv=None):
         return out
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
-                   help="all = CUDA when available, then CPU (default)")
+    p.add_argument(
+        "--device", choices=("cpu", "cuda", "all"), default="all", help="all = CUDA when available, then CPU (default)"
+    )
     p.add_argument("--shapes", type=shapes, help="e.g. 4096x16384,4096x65536 (default: per device)")
-    p.add_argument("--dtypes", type=dtypes, help="pre's dtypes, e.g. float32,bfloat16; θ stays float32 "
-                   "(default: float32 on CPU, float32,bfloat16 on CUDA)")
+    p.add_argument(
+        "--dtypes",
+        type=dtypes,
+        help="pre's dtypes, e.g. float32,bfloat16; θ stays float32 (default: float32 on CPU, float32,bfloat16 on CUDA)",
+    )
     p.add_argument("--ops", type=ops, default=list(OPS), help="default: " + ",".join(OPS))
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                   help="folder for the JSON lines file of this run (default: benchmarks/results)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results",
+        help="folder for the JSON lines file of this run (default: benchmarks/results)",
+    )
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--quick", action="store_true", help="small shapes, few reps: a smoke test")
-    p.add_argument("--interleaved-runs", type=int, default=5,
-                   help="CPU: runs of jumprelu_l0 fwd+bwd interleaved with the eager pair (0: skip; default 5)")
+    p.add_argument(
+        "--interleaved-runs",
+        type=int,
+        default=5,
+        help="CPU: runs of jumprelu_l0 fwd+bwd interleaved with the eager pair (0: skip; default 5)",
+    )
     p.add_argument("--markdown", type=Path, help="rewrite this device's section of this Markdown file")
-    p.add_argument("--grad-memory", type=shapes, metavar="SHAPE",
-                   help="only measure the CPU memory a backward allocates, old vs new, e.g. 4096x65536")
+    p.add_argument(
+        "--grad-memory",
+        type=shapes,
+        metavar="SHAPE",
+        help="only measure the CPU memory a backward allocates, old vs new, e.g. 4096x65536",
+    )
     return p.parse_args(argv)
 
 
@@ -508,8 +574,10 @@ def main(argv=None) -> int:
             grad_memory(shape)
         return 0
     if not jumprelu_ext.COMPILED:
-        print("jumprelu_ext's compiled extension is not loaded; build it first "
-              "(pip install --no-build-isolation -e .)", file=sys.stderr)
+        print(
+            "jumprelu_ext's compiled extension is not loaded; build it first (pip install --no-build-isolation -e .)",
+            file=sys.stderr,
+        )
         return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)

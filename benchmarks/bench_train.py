@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+from baselines import eager_jumprelu_l0  # noqa: E402
 
 from jumprelu_ext import JumpReLUSAE  # noqa: E402
-from baselines import eager_jumprelu_l0  # noqa: E402
 
 L0_COEFFICIENT = 1e-3
 PLAN = harness.TimingPlan(warmup=3, min_reps=5, max_reps=50, budget_s=3.0)
@@ -39,7 +39,9 @@ class EagerJumpReLUSAE(JumpReLUSAE):
 def make_step(sae: JumpReLUSAE, x: torch.Tensor, precision: str):
     optimizer = torch.optim.Adam(sae.parameters(), lr=7e-5, betas=(0.0, 0.999), eps=1e-8)
     autocast = (
-        torch.autocast(x.device.type, dtype=torch.bfloat16) if precision == "bf16-autocast" else contextlib.nullcontext()
+        torch.autocast(x.device.type, dtype=torch.bfloat16)
+        if precision == "bf16-autocast"
+        else contextlib.nullcontext()
     )
 
     def step():
@@ -60,15 +62,30 @@ def measure(impl: str, d_in: int, d_sae: int, x: torch.Tensor, precision: str) -
     step = make_step(sae, x, precision)
     ms, reps = harness.measure_ms(step, x.device, PLAN)
     peak = harness.peak_memory_mib(step, x.device)
-    return {"impl": impl, "d_in": d_in, "d_sae": d_sae, "batch": x.shape[0], "precision": precision,
-            "ms": ms, "tokens_per_s": x.shape[0] / ms * 1e3, "peak_mib": peak, "reps": reps}
+    return {
+        "impl": impl,
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "batch": x.shape[0],
+        "precision": precision,
+        "ms": ms,
+        "tokens_per_s": x.shape[0] / ms * 1e3,
+        "peak_mib": peak,
+        "reps": reps,
+    }
 
 
 COLUMNS: list[harness.Column] = [
-    ("precision", "precision", 13, ""), ("batch", "batch", 5, ""), ("d_in", "d_in", 5, ""),
-    ("d_sae", "d_sae", 7, ""), ("impl", "impl", 5, ""), ("ms", "ms/step", 9, ".2f"),
-    ("tokens_per_s", "tokens/s", 10, ".0f"), ("speedup_vs_eager", "vs eager", 8, ".2f"),
-    ("memory_vs_eager", "peak mem vs eager", 17, ".2f"), ("peak_mib", "peak MiB", 9, ".0f"),
+    ("precision", "precision", 13, ""),
+    ("batch", "batch", 5, ""),
+    ("d_in", "d_in", 5, ""),
+    ("d_sae", "d_sae", 7, ""),
+    ("impl", "impl", 5, ""),
+    ("ms", "ms/step", 9, ".2f"),
+    ("tokens_per_s", "tokens/s", 10, ".0f"),
+    ("speedup_vs_eager", "vs eager", 8, ".2f"),
+    ("memory_vs_eager", "peak mem vs eager", 17, ".2f"),
+    ("peak_mib", "peak MiB", 9, ".0f"),
     ("reps", "reps", 4, ""),
 ]
 

@@ -21,11 +21,11 @@ void dispatch_threshold_type(const at::Tensor& threshold, Body&& body) {
 }  // namespace jumprelu_ext
 
 // Runs body with scalar_t (pre's type), theta_t (θ's type) and acc_t (fp32, or fp64 for fp64).
-#define JUMPRELU_DISPATCH(pre, threshold, name, ...)                                    \
+#define JUMPRELU_DISPATCH(pre, threshold, name, ...)                                         \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (pre).scalar_type(), name, [&] { \
-    using acc_t = at::opmath_type<scalar_t>;                                             \
-    ::jumprelu_ext::dispatch_threshold_type<scalar_t>((threshold), [&](auto theta_tag) { \
-      using theta_t = decltype(theta_tag);                                               \
-      __VA_ARGS__();                                                                     \
-    });                                                                                  \
+    using acc_t = at::opmath_type<scalar_t>;                                                 \
+    ::jumprelu_ext::dispatch_threshold_type<scalar_t>((threshold), [&](auto theta_tag) {     \
+      using theta_t = decltype(theta_tag);                                                   \
+      __VA_ARGS__();                                                                         \
+    });                                                                                      \
   })

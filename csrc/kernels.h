@@ -1,8 +1,8 @@
 // The contract between the backend-independent op wrappers (ops.h) and the per-backend
 // kernels (cpu/, cuda/). Wrappers validate, reshape to [rows, features], make everything
-// contiguous and allocate; kernels only compute. Vocabulary as in the schemas (docs/ops.md#schemas):
-// grad_acts is the gradient of the elementwise output (acts, or the step for `step`), grad_l0
-// the gradient of the per-row L0 count.
+// contiguous and allocate; kernels only compute. Vocabulary as in the schemas
+// (docs/ops.md#schemas): grad_acts is the gradient of the elementwise output (acts, or the step for
+// `step`), grad_l0 the gradient of the per-row L0 count.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -110,14 +110,16 @@ at::Tensor jumprelu_op(const at::Tensor& pre, const at::Tensor& threshold, doubl
 template <ForwardFn forward, EmptyFn empty>
 at::Tensor step_op(const at::Tensor& pre, const at::Tensor& threshold, double bandwidth,
                    bool /*ste_to_input*/) {
-  return std::get<0>(run_forward<forward, empty>("step", pre, threshold, bandwidth, ForwardMode::kStep));
+  return std::get<0>(
+      run_forward<forward, empty>("step", pre, threshold, bandwidth, ForwardMode::kStep));
 }
 
 template <ForwardFn forward, EmptyFn empty>
 std::tuple<at::Tensor, at::Tensor> jumprelu_l0_op(const at::Tensor& pre,
                                                   const at::Tensor& threshold, double bandwidth,
                                                   bool /*ste_to_input*/) {
-  return run_forward<forward, empty>("jumprelu_l0", pre, threshold, bandwidth, ForwardMode::kJumpReLUL0);
+  return run_forward<forward, empty>("jumprelu_l0", pre, threshold, bandwidth,
+                                     ForwardMode::kJumpReLUL0);
 }
 
 // Which gradients the caller asked for (autograd passes ctx.needs_input_grad).
@@ -132,8 +134,7 @@ struct Wanted {
 template <BackwardFn backward, EmptyFn empty>
 std::tuple<at::Tensor, at::Tensor> run_backward(const char* op,
                                                 const std::optional<at::Tensor>& grad_acts,
-                                                bool step,
-                                                const std::optional<at::Tensor>& grad_l0,
+                                                bool step, const std::optional<at::Tensor>& grad_l0,
                                                 const at::Tensor& pre, const at::Tensor& threshold,
                                                 double bandwidth, Wanted wanted) {
   const RowView v = check_inputs(op, pre, threshold, bandwidth);
@@ -146,13 +147,12 @@ std::tuple<at::Tensor, at::Tensor> run_backward(const char* op,
   const bool has_acts = grad_acts.has_value() && grad_acts->defined();
   const bool has_l0 = grad_l0.has_value() && grad_l0->defined();
   if (has_acts) {
-    args.grad_acts = check_grad(op, "the output gradient", *grad_acts, pre.scalar_type(), "pre's dtype", pre,
-                                pre.sizes(), {v.rows, v.features});
+    args.grad_acts = check_grad(op, "the output gradient", *grad_acts, pre.scalar_type(),
+                                "pre's dtype", pre, pre.sizes(), {v.rows, v.features});
   }
   if (has_l0) {
-    args.grad_l0 =
-        check_grad(op, "the l0 gradient", *grad_l0, at::kFloat, "l0's dtype", pre, v.leading,
-                   {v.rows});
+    args.grad_l0 = check_grad(op, "the l0 gradient", *grad_l0, at::kFloat, "l0's dtype", pre,
+                              v.leading, {v.rows});
   }
   // pre gets H·grad_acts (JumpReLU) and, with ste_to_input, every element's θ term.
   const bool pre_has_terms = (has_acts && !step) || (wanted.ste_to_input && (has_acts || has_l0));
@@ -180,15 +180,12 @@ std::tuple<at::Tensor, at::Tensor> run_backward(const char* op,
 }
 
 template <BackwardFn backward, EmptyFn empty>
-std::tuple<at::Tensor, at::Tensor> jumprelu_backward_op(const at::Tensor& grad_acts,
-                                                        const at::Tensor& pre,
-                                                        const at::Tensor& threshold,
-                                                        double bandwidth, bool ste_to_input,
-                                                        bool needs_grad_pre,
-                                                        bool needs_grad_threshold) {
+std::tuple<at::Tensor, at::Tensor> jumprelu_backward_op(
+    const at::Tensor& grad_acts, const at::Tensor& pre, const at::Tensor& threshold,
+    double bandwidth, bool ste_to_input, bool needs_grad_pre, bool needs_grad_threshold) {
   return run_backward<backward, empty>("jumprelu_backward", grad_acts, false, std::nullopt, pre,
-                                threshold, bandwidth,
-                                {ste_to_input, needs_grad_pre, needs_grad_threshold});
+                                       threshold, bandwidth,
+                                       {ste_to_input, needs_grad_pre, needs_grad_threshold});
 }
 
 template <BackwardFn backward, EmptyFn empty>
@@ -197,8 +194,9 @@ std::tuple<at::Tensor, at::Tensor> step_backward_op(const at::Tensor& grad_step,
                                                     const at::Tensor& threshold, double bandwidth,
                                                     bool ste_to_input, bool needs_grad_pre,
                                                     bool needs_grad_threshold) {
-  return run_backward<backward, empty>("step_backward", grad_step, true, std::nullopt, pre, threshold,
-                                bandwidth, {ste_to_input, needs_grad_pre, needs_grad_threshold});
+  return run_backward<backward, empty>("step_backward", grad_step, true, std::nullopt, pre,
+                                       threshold, bandwidth,
+                                       {ste_to_input, needs_grad_pre, needs_grad_threshold});
 }
 
 template <BackwardFn backward, EmptyFn empty>
@@ -206,8 +204,9 @@ std::tuple<at::Tensor, at::Tensor> jumprelu_l0_backward_op(
     const std::optional<at::Tensor>& grad_acts, const std::optional<at::Tensor>& grad_l0,
     const at::Tensor& pre, const at::Tensor& threshold, double bandwidth, bool ste_to_input,
     bool needs_grad_pre, bool needs_grad_threshold) {
-  return run_backward<backward, empty>("jumprelu_l0_backward", grad_acts, false, grad_l0, pre, threshold,
-                                bandwidth, {ste_to_input, needs_grad_pre, needs_grad_threshold});
+  return run_backward<backward, empty>("jumprelu_l0_backward", grad_acts, false, grad_l0, pre,
+                                       threshold, bandwidth,
+                                       {ste_to_input, needs_grad_pre, needs_grad_threshold});
 }
 
 template <ForwardFn forward, BackwardFn backward, EmptyFn empty = empty_default>

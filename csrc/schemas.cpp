@@ -3,7 +3,8 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(jumprelu_ext, m) {
-  m.def("jumprelu(Tensor pre, Tensor threshold, float bandwidth, bool ste_to_input=False) -> Tensor");
+  m.def(
+      "jumprelu(Tensor pre, Tensor threshold, float bandwidth, bool ste_to_input=False) -> Tensor");
   m.def("step(Tensor pre, Tensor threshold, float bandwidth, bool ste_to_input=False) -> Tensor");
   m.def(
       "jumprelu_l0(Tensor pre, Tensor threshold, float bandwidth, bool ste_to_input=False)"

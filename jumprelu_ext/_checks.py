@@ -11,7 +11,9 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def check_inputs(op: str, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float, ste_to_input: bool = False) -> None:
+def check_inputs(
+    op: str, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float, ste_to_input: bool = False
+) -> None:
     if not isinstance(pre, torch.Tensor) or not isinstance(threshold, torch.Tensor):
         raise TypeError(f"{op}: pre and threshold must be tensors")
     if pre.dim() < 1:

@@ -8,11 +8,10 @@ every dtype (0.375, 0.5, 0.625 and 0.25 are short binary fractions).
 
 import pytest
 import torch
+from conftest import DTYPE_PAIRS, assert_exact, cpu, grads, requires_compiled
 
 import jumprelu_ext
 from jumprelu_ext import reference
-
-from conftest import DTYPE_PAIRS, assert_exact, cpu, grads, requires_compiled
 
 IMPLS = [
     pytest.param(jumprelu_ext, id="public", marks=requires_compiled),
@@ -94,7 +93,9 @@ def test_boundaries_summed_over_rows(device, impl):
     g = torch.tensor([3.0, 5.0, 7.0, 11.0, 13.0, 17.0, 19.0], dtype=torch.float64, device=device).unsqueeze(-1)
     g_l0 = torch.tensor([1.0, 10.0, 100.0, 1000.0, 10000.0, 1e5, 1e6], dtype=torch.float32, device=device)
     acts, l0 = impl.jumprelu_l0(pre, theta, EPS)
-    assert_exact(acts, torch.tensor([[0.0], [0.0], [0.625], [0.0], [0.6249999], [0.0], [0.6250001]], dtype=torch.float64))
+    assert_exact(
+        acts, torch.tensor([[0.0], [0.0], [0.625], [0.0], [0.6249999], [0.0], [0.6250001]], dtype=torch.float64)
+    )
     assert_exact(l0, torch.tensor([0.0, 0, 1, 0, 1, 0, 1], dtype=torch.float32))
     gp, gt = grads([acts, l0], [pre, theta], [g, g_l0])
     assert_exact(gp, torch.tensor([[0.0], [0], [7], [0], [13], [0], [19]], dtype=torch.float64))
@@ -108,7 +109,12 @@ def test_boundaries_summed_over_rows(device, impl):
 
 def _ulp_neighbours(center, dtype, k):
     """The 2k+1 representable values of dtype around center (positive), in order."""
-    int_type = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[dtype]
+    int_type = {
+        torch.float64: torch.int64,
+        torch.float32: torch.int32,
+        torch.float16: torch.int16,
+        torch.bfloat16: torch.int16,
+    }[dtype]
     base = torch.tensor([center], dtype=dtype).view(int_type)
     return (base + torch.arange(-k, k + 1, dtype=int_type)).view(dtype)
 
@@ -123,7 +129,10 @@ def test_window_edge_scan_matches_reference(device, pre_dtype, theta_dtype, band
     pre's low precision instead of fp32, or a shifted edge."""
     theta_value = torch.tensor(0.7, dtype=pre_dtype).to(theta_dtype).item()
     pre = torch.cat(
-        [_ulp_neighbours(theta_value - bandwidth / 2, pre_dtype, 40), _ulp_neighbours(theta_value + bandwidth / 2, pre_dtype, 40)]
+        [
+            _ulp_neighbours(theta_value - bandwidth / 2, pre_dtype, 40),
+            _ulp_neighbours(theta_value + bandwidth / 2, pre_dtype, 40),
+        ]
     ).unique()
     n = pre.numel()
     theta = torch.full((n,), theta_value, dtype=theta_dtype)

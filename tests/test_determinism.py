@@ -8,15 +8,18 @@ change the bits (checked for the data: a reversed-order sum differs).
 
 import pytest
 import torch
+from conftest import make_inputs, requires_compiled
 
 import jumprelu_ext
-
-from conftest import make_inputs, requires_compiled
 
 pytestmark = requires_compiled
 
 EPS = 0.1
-SHAPES = [pytest.param((300, 64), id="300x64"), pytest.param((5, 97, 48), id="5x97x48"), pytest.param((1000, 3), id="1000x3")]
+SHAPES = [
+    pytest.param((300, 64), id="300x64"),
+    pytest.param((5, 97, 48), id="5x97x48"),
+    pytest.param((1000, 3), id="1000x3"),
+]
 
 
 def _data(device, shape, pre_dtype, theta_dtype, seed):
@@ -45,8 +48,11 @@ def _theta_grads(pre, theta, grad, grad_l0):
 
 
 def _bits_equal(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu().view(-1), b.cpu().view(-1)) and bool(
-        (a.cpu().contiguous().view(torch.uint8) == b.cpu().contiguous().view(torch.uint8)).all()
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.cpu().view(-1), b.cpu().view(-1))
+        and bool((a.cpu().contiguous().view(torch.uint8) == b.cpu().contiguous().view(torch.uint8)).all())
     )
 
 
@@ -63,7 +69,11 @@ def _assert_order_matters(pre, theta, grad):
     assert not torch.equal(forward, backward), "the data does not make the summation order visible"
 
 
-@pytest.mark.parametrize("pre_dtype,theta_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, torch.float64)], ids=["f32", "bf16-f32theta", "f64"])
+@pytest.mark.parametrize(
+    "pre_dtype,theta_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, torch.float64)],
+    ids=["f32", "bf16-f32theta", "f64"],
+)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_run_to_run_bitwise(device, shape, pre_dtype, theta_dtype):
     pre, theta, grad, grad_l0 = _data(device, shape, pre_dtype, theta_dtype, seed=600)
@@ -77,7 +87,11 @@ def test_run_to_run_bitwise(device, shape, pre_dtype, theta_dtype):
     assert first[0].abs().sum() > 0
 
 
-@pytest.mark.parametrize("pre_dtype,theta_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)], ids=["f32", "bf16-f32theta"])
+@pytest.mark.parametrize(
+    "pre_dtype,theta_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)],
+    ids=["f32", "bf16-f32theta"],
+)
 @pytest.mark.parametrize("shape", SHAPES + [pytest.param((4097, 8), id="4097x8")])
 def test_bitwise_across_thread_counts(shape, pre_dtype, theta_dtype):
     pre, theta, grad, grad_l0 = _data("cpu", shape, pre_dtype, theta_dtype, seed=610)

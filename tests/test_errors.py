@@ -10,10 +10,9 @@ import re
 
 import pytest
 import torch
+from conftest import requires_compiled, requires_cuda
 
 import jumprelu_ext
-
-from conftest import requires_compiled, requires_cuda
 
 FORWARD_OPS = ["jumprelu", "step", "jumprelu_l0"]
 ALL_OPS = FORWARD_OPS + ["jumprelu_backward", "step_backward", "jumprelu_l0_backward"]
@@ -21,53 +20,175 @@ F32 = torch.float32
 
 
 def _pre(shape=(4, 3), dtype=F32, device="cpu"):
-    return torch.full(shape, 0.3, dtype=dtype, device=device) if dtype.is_floating_point or dtype.is_complex else torch.ones(shape, dtype=dtype, device=device)
+    return (
+        torch.full(shape, 0.3, dtype=dtype, device=device)
+        if dtype.is_floating_point or dtype.is_complex
+        else torch.ones(shape, dtype=dtype, device=device)
+    )
 
 
 def _theta(n=3, dtype=F32, device="cpu", dim1=True):
-    return torch.full((n,), 0.5, dtype=dtype, device=device) if dtype.is_floating_point else torch.ones(n, dtype=dtype, device=device)
+    return (
+        torch.full((n,), 0.5, dtype=dtype, device=device)
+        if dtype.is_floating_point
+        else torch.ones(n, dtype=dtype, device=device)
+    )
 
 
 # (id, pre, threshold, bandwidth, Python exception type, message regex)
 BAD_INPUTS = [
-    ("features-mismatch", lambda: _pre((4, 3)), lambda: _theta(4), 0.1, ValueError,
-     r"threshold has 4 features but pre's last dimension is 3"),
-    ("features-mismatch-1d", lambda: _pre((5,)), lambda: _theta(3), 0.1, ValueError,
-     r"threshold has 3 features but pre's last dimension is 5"),
-    ("theta-2d", lambda: _pre((4, 3)), lambda: torch.full((1, 3), 0.5), 0.1, ValueError,
-     r"threshold must be 1-D \[features\], got shape \[1, 3\]"),
-    ("theta-0d", lambda: _pre((4, 3)), lambda: torch.tensor(0.5), 0.1, ValueError,
-     r"threshold must be 1-D \[features\], got shape \[\]"),
-    ("pre-0d", lambda: torch.tensor(0.3), lambda: _theta(1), 0.1, ValueError,
-     r"pre must have shape \[\.\.\., features\], got a 0-d tensor"),
-    ("pre-int32", lambda: _pre(dtype=torch.int32), lambda: _theta(), 0.1, TypeError,
-     r"pre must be float32, float64, float16 or bfloat16, got (torch\.int32|Int)\b"),
-    ("pre-int64", lambda: _pre(dtype=torch.int64), lambda: _theta(), 0.1, TypeError,
-     r"pre must be float32, float64, float16 or bfloat16, got (torch\.int64|Long)\b"),
-    ("pre-bool", lambda: _pre(dtype=torch.bool), lambda: _theta(), 0.1, TypeError,
-     r"pre must be float32, float64, float16 or bfloat16, got (torch\.bool|Bool)\b"),
-    ("pre-complex", lambda: _pre(dtype=torch.complex64), lambda: _theta(), 0.1, TypeError,
-     r"pre must be float32, float64, float16 or bfloat16, got (torch\.complex64|ComplexFloat)\b"),
-    ("pre-float8", lambda: _pre(dtype=F32).to(torch.float8_e4m3fn), lambda: _theta(), 0.1, TypeError,
-     r"pre must be float32, float64, float16 or bfloat16, got (torch\.float8_e4m3fn|Float8_e4m3fn)\b"),
-    ("theta-int", lambda: _pre(), lambda: _theta(dtype=torch.int64), 0.1, TypeError,
-     r"threshold must be float32 or pre's dtype \(.*(Float|float32).*\), got .*(Long|int64)"),
-    ("theta-f64-with-f32-pre", lambda: _pre(), lambda: _theta(dtype=torch.float64), 0.1, TypeError,
-     r"threshold must be float32 or pre's dtype .*, got .*(Double|float64)"),
-    ("theta-f16-with-bf16-pre", lambda: _pre(dtype=torch.bfloat16), lambda: _theta(dtype=torch.float16), 0.1, TypeError,
-     r"threshold must be float32 or pre's dtype \(.*(BFloat16|bfloat16).*\), got .*(Half|float16)"),
-    ("theta-bf16-with-f32-pre", lambda: _pre(), lambda: _theta(dtype=torch.bfloat16), 0.1, TypeError,
-     r"threshold must be float32 or pre's dtype .*, got .*(BFloat16|bfloat16)"),
-    ("bandwidth-zero", lambda: _pre(), lambda: _theta(), 0.0, ValueError,
-     r"bandwidth must be positive and finite, got 0"),
-    ("bandwidth-negative", lambda: _pre(), lambda: _theta(), -0.1, ValueError,
-     r"bandwidth must be positive and finite, got -0\.1"),
-    ("bandwidth-nan", lambda: _pre(), lambda: _theta(), float("nan"), ValueError,
-     r"bandwidth must be positive and finite, got nan"),
-    ("bandwidth-inf", lambda: _pre(), lambda: _theta(), float("inf"), ValueError,
-     r"bandwidth must be positive and finite, got inf"),
-    ("bandwidth-neg-inf", lambda: _pre(), lambda: _theta(), float("-inf"), ValueError,
-     r"bandwidth must be positive and finite, got -inf"),
+    (
+        "features-mismatch",
+        lambda: _pre((4, 3)),
+        lambda: _theta(4),
+        0.1,
+        ValueError,
+        r"threshold has 4 features but pre's last dimension is 3",
+    ),
+    (
+        "features-mismatch-1d",
+        lambda: _pre((5,)),
+        lambda: _theta(3),
+        0.1,
+        ValueError,
+        r"threshold has 3 features but pre's last dimension is 5",
+    ),
+    (
+        "theta-2d",
+        lambda: _pre((4, 3)),
+        lambda: torch.full((1, 3), 0.5),
+        0.1,
+        ValueError,
+        r"threshold must be 1-D \[features\], got shape \[1, 3\]",
+    ),
+    (
+        "theta-0d",
+        lambda: _pre((4, 3)),
+        lambda: torch.tensor(0.5),
+        0.1,
+        ValueError,
+        r"threshold must be 1-D \[features\], got shape \[\]",
+    ),
+    (
+        "pre-0d",
+        lambda: torch.tensor(0.3),
+        lambda: _theta(1),
+        0.1,
+        ValueError,
+        r"pre must have shape \[\.\.\., features\], got a 0-d tensor",
+    ),
+    (
+        "pre-int32",
+        lambda: _pre(dtype=torch.int32),
+        lambda: _theta(),
+        0.1,
+        TypeError,
+        r"pre must be float32, float64, float16 or bfloat16, got (torch\.int32|Int)\b",
+    ),
+    (
+        "pre-int64",
+        lambda: _pre(dtype=torch.int64),
+        lambda: _theta(),
+        0.1,
+        TypeError,
+        r"pre must be float32, float64, float16 or bfloat16, got (torch\.int64|Long)\b",
+    ),
+    (
+        "pre-bool",
+        lambda: _pre(dtype=torch.bool),
+        lambda: _theta(),
+        0.1,
+        TypeError,
+        r"pre must be float32, float64, float16 or bfloat16, got (torch\.bool|Bool)\b",
+    ),
+    (
+        "pre-complex",
+        lambda: _pre(dtype=torch.complex64),
+        lambda: _theta(),
+        0.1,
+        TypeError,
+        r"pre must be float32, float64, float16 or bfloat16, got (torch\.complex64|ComplexFloat)\b",
+    ),
+    (
+        "pre-float8",
+        lambda: _pre(dtype=F32).to(torch.float8_e4m3fn),
+        lambda: _theta(),
+        0.1,
+        TypeError,
+        r"pre must be float32, float64, float16 or bfloat16, got (torch\.float8_e4m3fn|Float8_e4m3fn)\b",
+    ),
+    (
+        "theta-int",
+        lambda: _pre(),
+        lambda: _theta(dtype=torch.int64),
+        0.1,
+        TypeError,
+        r"threshold must be float32 or pre's dtype \(.*(Float|float32).*\), got .*(Long|int64)",
+    ),
+    (
+        "theta-f64-with-f32-pre",
+        lambda: _pre(),
+        lambda: _theta(dtype=torch.float64),
+        0.1,
+        TypeError,
+        r"threshold must be float32 or pre's dtype .*, got .*(Double|float64)",
+    ),
+    (
+        "theta-f16-with-bf16-pre",
+        lambda: _pre(dtype=torch.bfloat16),
+        lambda: _theta(dtype=torch.float16),
+        0.1,
+        TypeError,
+        r"threshold must be float32 or pre's dtype \(.*(BFloat16|bfloat16).*\), got .*(Half|float16)",
+    ),
+    (
+        "theta-bf16-with-f32-pre",
+        lambda: _pre(),
+        lambda: _theta(dtype=torch.bfloat16),
+        0.1,
+        TypeError,
+        r"threshold must be float32 or pre's dtype .*, got .*(BFloat16|bfloat16)",
+    ),
+    (
+        "bandwidth-zero",
+        lambda: _pre(),
+        lambda: _theta(),
+        0.0,
+        ValueError,
+        r"bandwidth must be positive and finite, got 0",
+    ),
+    (
+        "bandwidth-negative",
+        lambda: _pre(),
+        lambda: _theta(),
+        -0.1,
+        ValueError,
+        r"bandwidth must be positive and finite, got -0\.1",
+    ),
+    (
+        "bandwidth-nan",
+        lambda: _pre(),
+        lambda: _theta(),
+        float("nan"),
+        ValueError,
+        r"bandwidth must be positive and finite, got nan",
+    ),
+    (
+        "bandwidth-inf",
+        lambda: _pre(),
+        lambda: _theta(),
+        float("inf"),
+        ValueError,
+        r"bandwidth must be positive and finite, got inf",
+    ),
+    (
+        "bandwidth-neg-inf",
+        lambda: _pre(),
+        lambda: _theta(),
+        float("-inf"),
+        ValueError,
+        r"bandwidth must be positive and finite, got -inf",
+    ),
 ]
 BAD_IDS = [case[0] for case in BAD_INPUTS]
 
@@ -116,6 +237,13 @@ def test_public_function_rejects_bandwidth_type(op, bandwidth, message):
 
 
 @pytest.mark.parametrize("op", FORWARD_OPS)
+@pytest.mark.parametrize("value", [1, "yes", None, torch.tensor(True)], ids=["int", "str", "None", "tensor"])
+def test_public_function_rejects_ste_to_input_type(op, value):
+    with pytest.raises(TypeError, match=rf"^{op}: ste_to_input must be a bool, got {type(value).__name__}"):
+        getattr(jumprelu_ext, op)(_pre(), _theta(), 0.1, value)
+
+
+@pytest.mark.parametrize("op", FORWARD_OPS)
 @pytest.mark.parametrize("which", ["pre", "threshold"])
 def test_public_function_rejects_non_tensors(op, which):
     pre = [[0.3, 0.3, 0.3]] if which == "pre" else _pre()
@@ -161,17 +289,41 @@ def _grad_cases():
     for name, bad, message in [
         ("shape", torch.ones(4, 4), r"the output gradient must have shape \[4, 3\], got \[4, 4\]"),
         ("shape-flat", torch.ones(12), r"the output gradient must have shape \[4, 3\], got \[12\]"),
-        ("dtype", torch.ones(4, 3, dtype=torch.float64), r"the output gradient must have pre's dtype \(Float\), got Double"),
-        ("dtype-int", torch.ones(4, 3, dtype=torch.int64), r"the output gradient must have pre's dtype \(Float\), got Long"),
+        (
+            "dtype",
+            torch.ones(4, 3, dtype=torch.float64),
+            r"the output gradient must have pre's dtype \(Float\), got Double",
+        ),
+        (
+            "dtype-int",
+            torch.ones(4, 3, dtype=torch.int64),
+            r"the output gradient must have pre's dtype \(Float\), got Long",
+        ),
     ]:
-        cases.append((f"jumprelu_backward-{name}", lambda bad=bad: ops.jumprelu_backward(bad, pre, theta, 0.1), "jumprelu_backward", message))
-        cases.append((f"step_backward-{name}", lambda bad=bad: ops.step_backward(bad, pre, theta, 0.1)[1], "step_backward", message))
-        cases.append((
-            f"jumprelu_l0_backward-acts-{name}",
-            lambda bad=bad: ops.jumprelu_l0_backward(bad, good_l0, pre, theta, 0.1),
-            "jumprelu_l0_backward",
-            message,
-        ))
+        cases.append(
+            (
+                f"jumprelu_backward-{name}",
+                lambda bad=bad: ops.jumprelu_backward(bad, pre, theta, 0.1),
+                "jumprelu_backward",
+                message,
+            )
+        )
+        cases.append(
+            (
+                f"step_backward-{name}",
+                lambda bad=bad: ops.step_backward(bad, pre, theta, 0.1)[1],
+                "step_backward",
+                message,
+            )
+        )
+        cases.append(
+            (
+                f"jumprelu_l0_backward-acts-{name}",
+                lambda bad=bad: ops.jumprelu_l0_backward(bad, good_l0, pre, theta, 0.1),
+                "jumprelu_l0_backward",
+                message,
+            )
+        )
     for name, bad, message in [
         ("shape", torch.ones(3), r"the l0 gradient must have shape \[4\], got \[3\]"),
         ("shape-keepdim", torch.ones(4, 1), r"the l0 gradient must have shape \[4\], got \[4, 1\]"),
@@ -180,20 +332,24 @@ def _grad_cases():
     ]:
         for acts_grad in (good, None):
             tag = "with-acts" if acts_grad is not None else "no-acts"
-            cases.append((
-                f"jumprelu_l0_backward-l0-{name}-{tag}",
-                lambda bad=bad, acts_grad=acts_grad: ops.jumprelu_l0_backward(acts_grad, bad, pre, theta, 0.1),
-                "jumprelu_l0_backward",
-                message,
-            ))
+            cases.append(
+                (
+                    f"jumprelu_l0_backward-l0-{name}-{tag}",
+                    lambda bad=bad, acts_grad=acts_grad: ops.jumprelu_l0_backward(acts_grad, bad, pre, theta, 0.1),
+                    "jumprelu_l0_backward",
+                    message,
+                )
+            )
     # A 1-D pre has a 0-d l0.
     pre1, theta1 = _pre((3,)), _theta(3)
-    cases.append((
-        "jumprelu_l0_backward-l0-shape-1d-pre",
-        lambda: ops.jumprelu_l0_backward(None, torch.ones(1), pre1, theta1, 0.1),
-        "jumprelu_l0_backward",
-        r"the l0 gradient must have shape \[\], got \[1\]",
-    ))
+    cases.append(
+        (
+            "jumprelu_l0_backward-l0-shape-1d-pre",
+            lambda: ops.jumprelu_l0_backward(None, torch.ones(1), pre1, theta1, 0.1),
+            "jumprelu_l0_backward",
+            r"the l0 gradient must have shape \[\], got \[1\]",
+        )
+    )
     return cases
 
 

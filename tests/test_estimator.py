@@ -189,14 +189,15 @@ def bias_expansion(theta: float, eps: float, component: str) -> float:
     p, dp, d2p = (float(density(theta, k)) for k in range(3))
     h_on, h_off = _h_on(theta)(theta), _h_off(theta)(theta)
     dh_on, dh_off = 2 * W * theta * (1 / A - W), 2 * W * theta / A  # h'' = 0: h is linear in z
-    rec = eps * ((h_on - h_off) * dp + (dh_on - dh_off) * p) / 8 + eps**2 * (
-        2 * (dh_on + dh_off) * dp + (h_on + h_off) * d2p
-    ) / 48
+    rec = (
+        eps * ((h_on - h_off) * dp + (dh_on - dh_off) * p) / 8
+        + eps**2 * (2 * (dh_on + dh_off) * dp + (h_on + h_off) * d2p) / 48
+    )
     l0 = -LAM * d2p * eps**2 / 24
     return {"rec": rec, "l0": l0, "tot": rec + l0}[component]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def exact(theta: float, component: str) -> dict:
     """Everything the Monte-Carlo results are compared with, from numpy quadrature only."""
     out = {"D": fd_derivative(theta, component), "M": {}, "bias": {}, "se": {}}
@@ -457,8 +458,10 @@ def test_negative_controls(mutant):
 if __name__ == "__main__":  # prints the numbers: python tests/test_estimator.py
     start = time.perf_counter()
     all_est = ste_estimates()
-    print(f"compiled extension: {jumprelu_ext.COMPILED}; N = {N_PER_THETA} samples per θ;"
-          f" all estimators: {time.perf_counter() - start:.1f} s")
+    print(
+        f"compiled extension: {jumprelu_ext.COMPILED}; N = {N_PER_THETA} samples per θ;"
+        f" all estimators: {time.perf_counter() - start:.1f} s"
+    )
     for impl in IMPLS:
         for api in APIS:
             est = all_est[f"{impl}/{api}"]

@@ -5,10 +5,6 @@ ops called directly (incl. the optional-None arguments of jumprelu_l0_backward).
 
 import pytest
 import torch
-
-import jumprelu_ext
-from jumprelu_ext import reference
-
 from conftest import (
     DTYPE_PAIRS,
     assert_exact,
@@ -20,6 +16,9 @@ from conftest import (
     reference_theta_grad,
     requires_compiled,
 )
+
+import jumprelu_ext
+from jumprelu_ext import reference
 
 ops = torch.ops.jumprelu_ext
 
@@ -78,7 +77,9 @@ def test_theta_grad_matches_formula(device, impl, shape):
     torch.testing.assert_close(cpu(gt), expected, rtol=1e-12, atol=1e-9)
 
     (gt,) = torch.autograd.grad(impl.step(pre, theta, eps), theta, g_acts)
-    torch.testing.assert_close(cpu(gt), formula_theta_grad(pre, theta, eps, g_acts=g_acts, step=True), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(
+        cpu(gt), formula_theta_grad(pre, theta, eps, g_acts=g_acts, step=True), rtol=1e-12, atol=1e-9
+    )
 
     acts, l0 = impl.jumprelu_l0(pre, theta, eps)
     gp, gt = grads([acts, l0], [pre, theta], [g_acts, g_l0])
@@ -208,7 +209,9 @@ def test_backward_ops_accept_non_contiguous_and_expanded_grads(device):
         ga_c = None if ga is None else ga.contiguous()
         gl_c = None if gl is None else gl.contiguous()
         expected = ops.jumprelu_l0_backward(ga_c, gl_c, pre, theta, eps)
-        ref_pre = torch.zeros_like(cpu(pre)) if ga is None else reference.input_grad(cpu(pre), cpu(theta), 1.0, cpu(ga_c))
+        ref_pre = (
+            torch.zeros_like(cpu(pre)) if ga is None else reference.input_grad(cpu(pre), cpu(theta), 1.0, cpu(ga_c))
+        )
         assert_exact(got[0], ref_pre, "grad_pre")
         ref, scale = reference_theta_grad(pre, theta, eps, grad_acts=ga_c, grad_l0=gl_c)
         assert_theta_grad_close(got[1], ref, scale, torch.float32)

@@ -8,10 +8,9 @@ import subprocess
 import sys
 
 import torch
+from conftest import requires_compiled
 
 import jumprelu_ext
-
-from conftest import requires_compiled
 
 pytestmark = requires_compiled
 

@@ -5,12 +5,11 @@ import math
 
 import pytest
 import torch
+from conftest import assert_exact, cpu, make_inputs, rand_like_grad, requires_compiled
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import jumprelu_ext
 from jumprelu_ext import reference
-
-from conftest import assert_exact, cpu, make_inputs, rand_like_grad, requires_compiled
 
 EPS = 0.1
 ops = torch.ops.jumprelu_ext

@@ -11,11 +11,10 @@ import inspect
 
 import pytest
 import torch
+from conftest import assert_exact, cpu, grads, make_inputs, rand_like_grad, requires_compiled
 
 import jumprelu_ext
 from jumprelu_ext import reference
-
-from conftest import assert_exact, cpu, grads, make_inputs, rand_like_grad, requires_compiled
 
 EPS = 0.1
 IMPLS = [

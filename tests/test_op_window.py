@@ -7,10 +7,9 @@ import math
 
 import pytest
 import torch
+from conftest import cpu, requires_compiled
 
 from jumprelu_ext import reference
-
-from conftest import cpu, requires_compiled
 
 pytestmark = requires_compiled
 ops = torch.ops.jumprelu_ext
@@ -59,7 +58,10 @@ def _kernel_window(pre, theta, eps):
 
 
 def _reference_window(pre, theta, eps):
-    x, t = pre.to(torch.float64 if pre.dtype == torch.float64 else torch.float32), theta.to(torch.float32 if pre.dtype != torch.float64 else torch.float64)
+    x, t = (
+        pre.to(torch.float64 if pre.dtype == torch.float64 else torch.float32),
+        theta.to(torch.float32 if pre.dtype != torch.float64 else torch.float64),
+    )
     u = (x - t) / torch.full((), eps, dtype=x.dtype)
     return (u > -0.5) & (u < 0.5)
 

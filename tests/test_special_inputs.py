@@ -2,10 +2,6 @@
 
 import pytest
 import torch
-
-import jumprelu_ext
-from jumprelu_ext import reference
-
 from conftest import (
     DTYPE_PAIRS,
     assert_exact,
@@ -17,6 +13,9 @@ from conftest import (
     reference_theta_grad,
     requires_compiled,
 )
+
+import jumprelu_ext
+from jumprelu_ext import reference
 
 IMPLS = [
     pytest.param(jumprelu_ext, id="public", marks=requires_compiled),
@@ -92,7 +91,11 @@ EMPTY_SHAPES = [(0, 5), (3, 0), (0,), (2, 0, 4), (0, 0), (4, 3, 0)]
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("pre_dtype,theta_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)], ids=["f32", "bf16-f32theta"])
+@pytest.mark.parametrize(
+    "pre_dtype,theta_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)],
+    ids=["f32", "bf16-f32theta"],
+)
 def test_empty(device, impl, shape, pre_dtype, theta_dtype):
     features = shape[-1]
     pre = torch.zeros(shape, dtype=pre_dtype, device=device, requires_grad=True)

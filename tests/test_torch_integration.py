@@ -6,10 +6,9 @@ Compile tests are the slow ones (10-30 s each on 2 cores): there are two per dev
 
 import pytest
 import torch
+from conftest import assert_exact, cpu, make_inputs, rand_like_grad, requires_compiled, with_layout
 
 import jumprelu_ext
-
-from conftest import assert_exact, cpu, make_inputs, rand_like_grad, requires_compiled, with_layout
 
 pytestmark = requires_compiled
 
@@ -140,7 +139,9 @@ def test_compile_sae_forward_backward(device):
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
     assert_exact(l0, eager_l0, "l0")
     for name in params0:
-        torch.testing.assert_close(got_grads[name], eager_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            got_grads[name], eager_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 def test_compile_bare_ops(device):

@@ -8,10 +8,6 @@ arithmetic); grad_θ is checked to the per-dtype tolerance of conftest.THETA_GRA
 
 import pytest
 import torch
-
-import jumprelu_ext
-from jumprelu_ext import reference
-
 from conftest import (
     DTYPE_PAIRS,
     LAYOUTS,
@@ -27,6 +23,9 @@ from conftest import (
     requires_cuda,
     with_layout,
 )
+
+import jumprelu_ext
+from jumprelu_ext import reference
 
 pytestmark = requires_compiled
 
@@ -116,9 +115,7 @@ def test_jumprelu_l0(device, pre_dtype, theta_dtype, shape, layout, use):
     grad_pre, grad_theta = grads([acts, l0], [pre, theta], [g_acts, g_l0])
 
     expected_pre = (
-        torch.zeros_like(cpu(pre))
-        if g_acts is None
-        else reference.input_grad(cpu(pre), cpu(theta), 1.0, cpu(g_acts))
+        torch.zeros_like(cpu(pre)) if g_acts is None else reference.input_grad(cpu(pre), cpu(theta), 1.0, cpu(g_acts))
     )
     assert_exact(grad_pre, expected_pre, "grad_pre")
     expected, scale = reference_theta_grad(pre, theta, BANDWIDTH, grad_acts=g_acts, grad_l0=g_l0)
@@ -194,7 +191,11 @@ def test_public_function_equals_torch_ops(device, op):
     [(300, 64), (1000, 3), (4097, 8), (3, 40000), (2, 65, 33)],
     ids=["300x64", "1000x3", "4097x8", "3x40000-wide", "2x65x33"],
 )
-@pytest.mark.parametrize("pre_dtype,theta_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)], ids=["f32", "bf16-f32theta"])
+@pytest.mark.parametrize(
+    "pre_dtype,theta_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)],
+    ids=["f32", "bf16-f32theta"],
+)
 def test_many_row_chunks_and_wide_features(device, shape, pre_dtype, theta_dtype):
     """Row counts that need many (uneven) reduction chunks, and F beyond one parallel grain."""
     pre, theta = make_inputs(shape, pre_dtype, theta_dtype, device, seed=sum(shape), bandwidth=BANDWIDTH)
@@ -230,7 +231,11 @@ def test_expanded_pre(device, pre_dtype, theta_dtype):
 
 
 @requires_cuda
-@pytest.mark.parametrize("pre_dtype,theta_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)], ids=["f32", "bf16-f32theta"])
+@pytest.mark.parametrize(
+    "pre_dtype,theta_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)],
+    ids=["f32", "bf16-f32theta"],
+)
 def test_cuda_side_stream(pre_dtype, theta_dtype):
     """Kernels launch on the current stream: results computed on a side stream equal the
     default stream's (a kernel on the wrong stream races with the producer of its input)."""

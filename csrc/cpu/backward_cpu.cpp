@@ -24,8 +24,8 @@ struct RowConsts {
 // One row. MODE fixes the traffic; STE (grad_pre also gets term/ε) is a template argument too
 // because a run-time test inside the loop would keep gcc from vectorising it.
 template <typename scalar_t, typename acc_t, BackwardMode MODE, bool STE>
-void backward_row(const scalar_t* __restrict pre, const scalar_t* __restrict grad_acts,
-                  acc_t g_l0, const acc_t* __restrict theta, const acc_t* __restrict acts_coef,
+void backward_row(const scalar_t* __restrict pre, const scalar_t* __restrict grad_acts, acc_t g_l0,
+                  const acc_t* __restrict theta, const acc_t* __restrict acts_coef,
                   RowConsts<acc_t> k, scalar_t* __restrict grad_pre, acc_t* __restrict partial,
                   int64_t features) {
   for (int64_t j = 0; j < features; ++j) {
@@ -80,8 +80,8 @@ void backward_kernel(const BackwardArgs& a) {
         const int64_t offset = r * features;
         backward_row<scalar_t, acc_t, MODE, STE>(
             pre + offset, grad_acts ? grad_acts + offset : nullptr,
-            grad_l0 ? static_cast<acc_t>(grad_l0[r]) : acc_t(0), theta.data(), acts_coef.data(),
-            k, grad_pre ? grad_pre + offset : nullptr, partials.data() + c * features, features);
+            grad_l0 ? static_cast<acc_t>(grad_l0[r]) : acc_t(0), theta.data(), acts_coef.data(), k,
+            grad_pre ? grad_pre + offset : nullptr, partials.data() + c * features, features);
       }
     }
   });

@@ -23,5 +23,4 @@ std::vector<acc_t> threshold_as_acc(const at::Tensor& threshold) {
   return std::vector<acc_t>(src, src + threshold.numel());
 }
 
-
 }  // namespace jumprelu_ext

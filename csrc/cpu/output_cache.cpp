@@ -35,7 +35,8 @@ constexpr size_t kDefaultLimitMiB = 2048;
 // JUMPRELU_EXT_CPU_CACHE_MIB: the most bytes kept in freed buffers (0 turns the cache off).
 size_t limit_from_env() {
   const char* env = std::getenv("JUMPRELU_EXT_CPU_CACHE_MIB");
-  const size_t mib = (env != nullptr && *env != '\0') ? std::strtoull(env, nullptr, 10) : kDefaultLimitMiB;
+  const size_t mib =
+      (env != nullptr && *env != '\0') ? std::strtoull(env, nullptr, 10) : kDefaultLimitMiB;
   return mib << 20;
 }
 
@@ -105,7 +106,7 @@ class OutputCache final : public c10::Allocator {
 
   const size_t limit_ = limit_from_env();
   std::mutex mutex_;
-  std::unordered_map<void*, size_t> sizes_;    // every buffer this cache made, in use or not
+  std::unordered_map<void*, size_t> sizes_;   // every buffer this cache made, in use or not
   std::list<std::pair<size_t, void*>> free_;  // freed buffers, oldest first
   size_t cached_bytes_ = 0;
 };

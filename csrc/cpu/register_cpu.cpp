@@ -6,5 +6,5 @@
 
 TORCH_LIBRARY_IMPL(jumprelu_ext, CPU, m) {
   jumprelu_ext::register_ops<jumprelu_ext::forward_cpu, jumprelu_ext::backward_cpu,
-                              jumprelu_ext::empty_cpu>(m);
+                             jumprelu_ext::empty_cpu>(m);
 }

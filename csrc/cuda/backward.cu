@@ -99,7 +99,8 @@ __global__ void __launch_bounds__(kThreads)
         }
         sum[i] += term;
       }
-      if constexpr (writes_grad_pre(MODE)) store_vec<VEC, VECTOR_IO>(grad_pre + r * features + col, gp);
+      if constexpr (writes_grad_pre(MODE))
+        store_vec<VEC, VECTOR_IO>(grad_pre + r * features + col, gp);
     }
   }
   if (partial == nullptr) return;  // θ needs no gradient
@@ -149,8 +150,8 @@ void backward_cuda(const BackwardArgs& args) {
                                args.pre.options().dtype(c10::CppTypeToScalarType<acc_t>::value))
                    : at::Tensor();
     const acc_t eps = static_cast<acc_t>(args.bandwidth);
-    const PassConsts<acc_t> consts{eps, window_for(eps), args.step ? acc_t(0) : acc_t(1),
-                                   args.step, args.ste_to_input};
+    const PassConsts<acc_t> consts{eps, window_for(eps), args.step ? acc_t(0) : acc_t(1), args.step,
+                                   args.ste_to_input};
 
     dispatch_columns<scalar_t>(vec, aligned, [&](auto vec_tag, auto io_tag) {
       constexpr int VEC = decltype(vec_tag)::value;
@@ -173,8 +174,8 @@ void backward_cuda(const BackwardArgs& args) {
           return launch(backward_partial_kernel<scalar_t, theta_t, acc_t, VEC, VECTOR_IO,
                                                 BackwardMode::kActsToPre>);
         case BackwardMode::kL0:
-          return launch(backward_partial_kernel<scalar_t, theta_t, acc_t, VEC, VECTOR_IO,
-                                                BackwardMode::kL0>);
+          return launch(
+              backward_partial_kernel<scalar_t, theta_t, acc_t, VEC, VECTOR_IO, BackwardMode::kL0>);
         case BackwardMode::kL0ToPre:
           return launch(backward_partial_kernel<scalar_t, theta_t, acc_t, VEC, VECTOR_IO,
                                                 BackwardMode::kL0ToPre>);
@@ -184,8 +185,8 @@ void backward_cuda(const BackwardArgs& args) {
     if (!with_theta) return;
     theta_grad_kernel<acc_t, theta_t>
         <<<static_cast<unsigned>(ceil_div(features, kThreads)), kThreads, 0, stream>>>(
-            partial.const_data_ptr<acc_t>(), args.grad_threshold.mutable_data_ptr<theta_t>(),
-            slots, features, eps);
+            partial.const_data_ptr<acc_t>(), args.grad_threshold.mutable_data_ptr<theta_t>(), slots,
+            features, eps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -17,8 +17,8 @@
 namespace jumprelu_ext {
 namespace cuda {
 
-constexpr int kThreads = 256;  // threads per block
-constexpr int kVecBytes = 16;  // widest global load/store per thread (LDG.128)
+constexpr int kThreads = 256;              // threads per block
+constexpr int kVecBytes = 16;              // widest global load/store per thread (LDG.128)
 constexpr int64_t kMinRowsPerThread = 16;  // amortises the θ load over enough rows
 constexpr int64_t kMaxRowChunks = 128;     // bounds the backward's partial-sum scratch
 constexpr int64_t kMinBlocks = 1024;       // few column blocks: more row chunks to fill the GPU

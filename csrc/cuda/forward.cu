@@ -45,7 +45,8 @@ __device__ __forceinline__ void add_block_counts(const int (&fired)[kRowUnroll],
     const int u = threadIdx.x;
     const int64_t r = row0 + u * row_step;
     int total = 0;
-    for (int w = 0; w < warps_per_row; ++w) total += warp_counts[u][threadIdx.y * warps_per_row + w];
+    for (int w = 0; w < warps_per_row; ++w)
+      total += warp_counts[u][threadIdx.y * warps_per_row + w];
     if (r < row_end && total != 0) atomicAdd(l0_count + r, static_cast<unsigned>(total));
   }
   __syncthreads();  // warp_counts is rewritten by the next group of rows
@@ -127,20 +128,19 @@ void forward_cuda(const ForwardArgs& args) {
       auto launch = [&](auto kernel) {
         kernel<<<tiling.grid, tiling.block, 0, stream>>>(
             args.pre.const_data_ptr<scalar_t>(), args.threshold.const_data_ptr<theta_t>(),
-            args.out.mutable_data_ptr<scalar_t>(), l0_count, rows, features,
-            tiling.rows_per_chunk);
+            args.out.mutable_data_ptr<scalar_t>(), l0_count, rows, features, tiling.rows_per_chunk);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       switch (args.mode) {
         case ForwardMode::kJumpReLU:
-          return launch(forward_kernel<scalar_t, theta_t, acc_t, VEC, VECTOR_IO,
-                                       ForwardMode::kJumpReLU>);
+          return launch(
+              forward_kernel<scalar_t, theta_t, acc_t, VEC, VECTOR_IO, ForwardMode::kJumpReLU>);
         case ForwardMode::kStep:
           return launch(
               forward_kernel<scalar_t, theta_t, acc_t, VEC, VECTOR_IO, ForwardMode::kStep>);
         case ForwardMode::kJumpReLUL0:
-          return launch(forward_kernel<scalar_t, theta_t, acc_t, VEC, VECTOR_IO,
-                                       ForwardMode::kJumpReLUL0>);
+          return launch(
+              forward_kernel<scalar_t, theta_t, acc_t, VEC, VECTOR_IO, ForwardMode::kJumpReLUL0>);
       }
     });
   });
