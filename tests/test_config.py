@@ -264,7 +264,7 @@ _VALID = TrainConfig(activations="acts.npy")
         ("bandwidth", -1e-3),
         ("bandwidth", math.nan),
         ("init_threshold", 0.0),
-        ("eval_fraction", 0.0),
+        ("eval_fraction", -0.1),
         ("eval_fraction", 1.0),
         ("eval_fraction", 1.5),
         ("eval_fraction", math.nan),

@@ -18,36 +18,14 @@ from jumprelu_ext.train.data.activations import ShuffledBatches
 D_IN = 16
 
 
+SMALL_RUN = (
+    "--d-sae 32 --batch-size 64 --steps 12 --lr 1e-3 --lr-warmup-steps 2 --sparsity-warmup-steps 4 "
+    "--threshold-lr 1e-2 --init-threshold 0.05 --bandwidth 0.05 --log-every 2 --device cpu"
+).split()
+
+
 def small_run_flags(activations, out, *extra):
-    return [
-        "--activations",
-        str(activations),
-        "--out",
-        str(out),
-        "--d-sae",
-        "32",
-        "--batch-size",
-        "64",
-        "--steps",
-        "12",
-        "--lr",
-        "1e-3",
-        "--lr-warmup-steps",
-        "2",
-        "--sparsity-warmup-steps",
-        "4",
-        "--threshold-lr",
-        "1e-2",
-        "--init-threshold",
-        "0.05",
-        "--bandwidth",
-        "0.05",
-        "--log-every",
-        "2",
-        "--device",
-        "cpu",
-        *extra,
-    ]
+    return ["--activations", str(activations), "--out", str(out), *SMALL_RUN, *extra]
 
 
 @pytest.fixture
@@ -106,12 +84,20 @@ def _kill():
     raise Killed
 
 
-@pytest.mark.parametrize("how", ["sigterm", "kill"])
-def test_interrupted_run_resumes_to_the_same_weights(activations, tmp_path, monkeypatch, how):
+@pytest.mark.parametrize(
+    "how, options",
+    [
+        ("sigterm", []),
+        ("kill", []),
+        ("kill", ["--target-l0", "5", "--l0-coefficient", "1e-2", "--threshold-param", "raw"]),
+    ],
+    ids=["sigterm", "kill", "kill-target-l0-raw"],
+)
+def test_interrupted_run_resumes_to_the_same_weights(activations, tmp_path, monkeypatch, how, options):
     reference_out, out = tmp_path / "uninterrupted", tmp_path / "interrupted"
-    assert train.main(small_run_flags(activations, reference_out)) == 0
+    assert train.main(small_run_flags(activations, reference_out, *options)) == 0
 
-    flags = small_run_flags(activations, out, "--checkpoint-every", "3")
+    flags = small_run_flags(activations, out, "--checkpoint-every", "3", *options)
     with monkeypatch.context() as patch:
         if how == "sigterm":  # a real signal through the trainer's handler: it finishes step 5, saves, exits
             _signal_at_batch(patch, 5, lambda: os.kill(os.getpid(), signal.SIGTERM))

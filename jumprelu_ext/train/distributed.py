@@ -116,6 +116,14 @@ def sum_(tensor: torch.Tensor, layout: Layout) -> torch.Tensor:
     return tensor
 
 
+def global_mean(share: torch.Tensor, layout: Layout) -> float:
+    """A loss term's value over the global batch: data-parallel ranks hold their share of it."""
+    value = share.detach().double().reshape(1)
+    if layout.data_parallel:
+        dist.all_reduce(value)
+    return value.item()
+
+
 def all_reduce_gradients(parameters, layout: Layout) -> None:
     """Sum every gradient over the ranks in one flat all-reduce (data parallel)."""
     if not layout.data_parallel:

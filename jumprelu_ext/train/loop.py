@@ -28,10 +28,11 @@ from .config import parse_args
 from .data.prepare import prepare_data
 from .errors import UserError
 from .interrupt import StopRequest
+from .optimizer import build_optimizer, clip_grad_norm_, keep_threshold_nonnegative
 from .report.metrics import FiringTracker, evaluate
 from .report.plots import plot_curves, plot_density
 from .report.run_log import RunLog, check_logging_extras
-from .schedules import l0_coefficient_at, lr_factor
+from .sparsity import sparsity_coefficient
 
 DENSE_RATE = 0.1  # a feature firing on more than this fraction of tokens counts as dense
 
@@ -49,6 +50,8 @@ RESUME_MUST_MATCH = (
     "seed",
     "threshold_param",
     "eval_fraction",
+    "eval_activations",
+    "target_l0",
 )
 
 
@@ -93,18 +96,10 @@ def train(cfg, layout, device) -> int:
         bandwidth=cfg.bandwidth,
         init_threshold=cfg.init_threshold,
         threshold_param=cfg.threshold_param,
+        ste_to_input=cfg.ste_to_input,
     )
-    theta = sae.log_threshold if cfg.threshold_param == "log" else sae.get_parameter("threshold")
-    weights = [p for p in sae.parameters() if p is not theta]
-    optimizer = torch.optim.Adam(
-        [{"params": weights}, {"params": [theta], "lr": cfg.threshold_lr or cfg.lr}],
-        lr=cfg.lr,
-        betas=(0.0, 0.999),
-        eps=1e-8,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.lr_warmup_steps, cfg.steps, cfg.lr_decay)
-    )
+    optimizer, scheduler = build_optimizer(sae, cfg)
+    coefficient = sparsity_coefficient(cfg)  # λ: warmed up to a fixed value, or steered to --target-l0
     firing = FiringTracker.for_sae(sae)  # features fired since the last log line
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
@@ -120,6 +115,7 @@ def train(cfg, layout, device) -> int:
         sae.load_state_dict(sae_state)
         optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(state["scheduler"])
+        coefficient.load_state_dict(state.get("sparsity", {}))
         data.train.load_state_dict(state["data"])
         data.input_scale = state["input_scale"]
         restore_rng_state(state["rng"])
@@ -139,6 +135,7 @@ def train(cfg, layout, device) -> int:
                     "sae": sae_state,
                     "optimizer": optimizer_state,
                     "scheduler": scheduler.state_dict(),
+                    "sparsity": coefficient.state_dict(),
                     "step": step,
                     "data": data.train.state_dict(),
                     "input_scale": data.input_scale,
@@ -150,11 +147,12 @@ def train(cfg, layout, device) -> int:
     # ---------------------------------------------------------------- training loop
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not layout.is_main)
     window_start, window_steps = time.perf_counter(), 0
+    run_start, first_step = time.perf_counter(), step
     stopping = False
     with StopRequest() as stop:
         while step < cfg.steps and not stopping:
             x, rows = data.next_batch(layout)  # this rank's rows; `rows` counts the global batch
-            l0_coefficient = l0_coefficient_at(step, cfg.l0_coefficient, cfg.sparsity_warmup_steps)
+            l0_coefficient = coefficient.at(step)
             with autocast:
                 loss = sae.loss(
                     x,
@@ -168,9 +166,13 @@ def train(cfg, layout, device) -> int:
             loss.total.backward()
             distributed.all_reduce_gradients(sae.parameters(), layout)  # data parallel: the global gradient
             sae.remove_parallel_decoder_grad()  # keep decoder rows on the unit sphere ...
+            grad_norm = clip_grad_norm_(sae, cfg.max_grad_norm, layout)
             optimizer.step()
             scheduler.step()
             sae.normalize_decoder()  # ... and undo the step's drift off it
+            keep_threshold_nonnegative(sae)
+            if cfg.target_l0 is not None:
+                coefficient.observe(distributed.global_mean(loss.l0, layout))
             firing.update(loss.output.acts)
             step += 1
             window_steps += 1
@@ -179,7 +181,7 @@ def train(cfg, layout, device) -> int:
 
             if step % cfg.log_every == 0 or step == cfg.steps:
                 seconds = time.perf_counter() - window_start
-                window = LogWindow(step, x, rows, loss, l0_coefficient, window_steps / seconds)
+                window = LogWindow(step, x, rows, loss, l0_coefficient, grad_norm, window_steps / seconds)
                 row = log_row(window, sae, firing, scheduler, data, layout)
                 if run_log:
                     run_log.log(row)
@@ -194,6 +196,7 @@ def train(cfg, layout, device) -> int:
             if step == cfg.steps or stopping or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 checkpoint()
     bar.close()
+    run_seconds = time.perf_counter() - run_start
     if run_log:
         run_log.close()
     if stopping:
@@ -208,9 +211,16 @@ def train(cfg, layout, device) -> int:
     # Data-parallel ranks hold identical SAEs: rank 0 evaluates. Sharded ranks evaluate together.
     if not (layout.is_main or layout.sharded):
         return 0
+    if data.eval_indices.size == 0:
+        say("no held-out activations (--eval-fraction 0): nothing evaluated")
+        whole_sae = sharding.whole_sae(sae, layout, d_sae)
+        if layout.is_main:
+            save_sae(whole_sae, out, data.input_scale, {**data.metadata, "training_config": cfg.to_dict()})
+            plot_curves(run_log.rows, out / "curves.png")
+        return 0
     results = evaluate(sae, data.eval_batches(cfg.batch_size), data.input_scale)
     firing_rates = sharding.gather_features(results.pop("firing_rates"), layout, device)
-    if data.model is not None:
+    if data.model is not None and data.eval_tokens is not None:
         from .report.downstream import downstream_eval
 
         def reconstruct(x_raw):
@@ -218,6 +228,8 @@ def train(cfg, layout, device) -> int:
 
         results["downstream"] = downstream_eval(data.model, reconstruct, data.eval_tokens)
     results["steps"] = step
+    # Throughput of this invocation's whole loop (data, steps, logging, checkpoints), not a window.
+    results["train_tokens_per_s"] = (step - first_step) * data.train.batch_size / run_seconds
     whole_sae = sharding.whole_sae(sae, layout, d_sae)
     if not layout.is_main:
         return 0
@@ -255,6 +267,7 @@ class LogWindow:
     rows: int  # rows in the global batch
     loss: SAELoss
     l0_coefficient: float
+    grad_norm: float  # global, before clipping
     steps_per_s: float  # over the window
 
 
@@ -282,6 +295,7 @@ def log_row(window: LogWindow, sae, firing, scheduler, data, layout) -> dict:
         "fvu": mse / variance if variance > 0 else float("nan"),
         "l0_coefficient": window.l0_coefficient,
         "lr": scheduler.get_last_lr()[0],
+        "grad_norm": window.grad_norm,
         "threshold_mean": distributed.feature_mean(sae.threshold, layout),
         "dead_fraction": dead,
         "dense_fraction": dense,

@@ -188,10 +188,13 @@ def open_activations(path, expected_d_in: int | None = None) -> ActivationStore:
 
 
 def split_holdout(store_or_num_rows, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split row indices at random into (train, eval), both sorted; eval holds ``fraction`` of them."""
+    """Split row indices at random into (train, eval), both sorted; eval holds ``fraction`` of them
+    (none for 0)."""
     n = store_or_num_rows if isinstance(store_or_num_rows, (int, np.integer)) else store_or_num_rows.num_rows
-    if not 0.0 < fraction < 1.0:
-        raise ActivationError(f"holdout fraction must be in (0, 1), got {fraction}")
+    if not 0.0 <= fraction < 1.0:
+        raise ActivationError(f"holdout fraction must be in [0, 1), got {fraction}")
+    if fraction == 0:
+        return np.arange(n), np.arange(0)
     n_eval = int(round(n * fraction))
     if n_eval == 0 or n_eval == n:
         raise ActivationError(f"holdout fraction {fraction} of {n} rows leaves an empty train or eval split")

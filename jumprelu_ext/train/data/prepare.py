@@ -68,11 +68,16 @@ def prepare_data(cfg, device: torch.device, layout) -> TrainingData:
 
 def _from_files(cfg, device, layout) -> TrainingData:
     store = open_activations(cfg.activations)
-    train_idx, eval_idx = split_holdout(store, cfg.eval_fraction, cfg.seed)
+    if cfg.eval_activations is not None:  # a held-out file of its own: train on every row
+        eval_store = open_activations(cfg.eval_activations, expected_d_in=store.d_in)
+        train_idx, eval_idx = np.arange(store.num_rows), np.arange(eval_store.num_rows)
+    else:
+        eval_store = store
+        train_idx, eval_idx = split_holdout(store, cfg.eval_fraction, cfg.seed)
     train = ShuffledBatches(store, cfg.batch_size, cfg.seed, device, indices=train_idx, shard=layout.data_shard)
     return TrainingData(
         train=train,
-        eval_store=store,
+        eval_store=eval_store,
         eval_indices=eval_idx,
         d_in=store.d_in,
         input_scale=estimate_scale(train, seed=cfg.seed),
@@ -89,13 +94,13 @@ def _from_model(cfg, device, layout) -> TrainingData:
     # Hold out whole sequences, so no evaluated token has trained neighbours in its context.
     train_seq, eval_seq = split_holdout(tokens.input_ids.shape[0], cfg.eval_fraction, cfg.seed)
     train_store = TensorStore(_harvest_shared(model, tokens.select(train_seq), layout))
-    eval_tokens = tokens.select(eval_seq)
-    eval_store = TensorStore(_harvest_shared(model, eval_tokens, layout))
+    eval_tokens = tokens.select(eval_seq) if eval_seq.size else None
+    eval_store = TensorStore(_harvest_shared(model, eval_tokens, layout)) if eval_seq.size else None
     train = ShuffledBatches(train_store, cfg.batch_size, cfg.seed, device, shard=layout.data_shard)
     return TrainingData(
         train=train,
         eval_store=eval_store,
-        eval_indices=np.arange(eval_store.num_rows),
+        eval_indices=np.arange(eval_store.num_rows if eval_store else 0),
         d_in=train_store.d_in,
         input_scale=estimate_scale(train, seed=cfg.seed),
         model=model,

@@ -1,0 +1,64 @@
+"""The optimiser side of a step: Adam with θ in a group of its own, the learning-rate schedule,
+global gradient-norm clipping (over every parameter, θ included; across feature shards), and
+the constraint that a raw θ stays ≥ 0 (docs/trainer.md#the-training-step)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import distributed
+from .schedules import lr_factor
+from .sharding import FEATURE_DIM
+
+
+def threshold_parameter(sae) -> torch.nn.Parameter:
+    return sae.log_threshold if sae.threshold_param == "log" else sae.get_parameter("threshold")
+
+
+def build_optimizer(sae, cfg):
+    """Adam (β1 = 0, β2 = 0.999, eps 1e-8) with θ in its own group (``--threshold-lr``), and the
+    warm-up / decay schedule applied to both groups."""
+    theta = threshold_parameter(sae)
+    weights = [p for p in sae.parameters() if p is not theta]
+    optimizer = torch.optim.Adam(
+        [{"params": weights}, {"params": [theta], "lr": cfg.threshold_lr or cfg.lr}],
+        lr=cfg.lr,
+        betas=(0.0, 0.999),
+        eps=1e-8,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.lr_warmup_steps, cfg.steps, cfg.lr_decay)
+    )
+    return optimizer, scheduler
+
+
+@torch.no_grad()
+def clip_grad_norm_(sae, max_norm: float, layout) -> float:
+    """Scale every gradient by min(1, max_norm / ‖g‖) where ‖g‖ is the norm of all gradients of
+    the whole SAE (a collective when features are sharded: shards' squares are summed, the
+    replicated b_dec counted once). Returns ‖g‖ before clipping; ``max_norm = 0`` only measures.
+
+    Why: the first steps' gradients are two orders of magnitude larger than later ones; without
+    clipping they inflate Adam's second moment for about 1/(1 − β2) steps and the effective step
+    collapses (docs/method.md#gradient-clipping)."""
+    grads = [(name, p.grad) for name, p in sae.named_parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    squares = torch.stack([g.float().pow(2).sum() for _, g in grads])
+    per_feature = torch.tensor([name in FEATURE_DIM for name, _ in grads], device=squares.device)
+    sharded, replicated = squares[per_feature].sum(), squares[~per_feature].sum()
+    if layout.sharded:
+        distributed.sum_(sharded.reshape(1), layout)
+    norm = (sharded + replicated).sqrt()
+    if max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for _, g in grads:
+            g.mul_(scale.to(g.dtype))
+    return norm.item()
+
+
+@torch.no_grad()
+def keep_threshold_nonnegative(sae) -> None:
+    """A raw θ below 0 would make the JumpReLU fire on negative pre-activations: clamp it."""
+    if sae.threshold_param == "raw":
+        threshold_parameter(sae).clamp_(min=0.0)

@@ -1,0 +1,156 @@
+"""The training recipe's pieces (docs/trainer.md#the-training-step): gradient clipping over every
+parameter (θ included), the target-L0 controller, the recipe presets, a raw θ kept ≥ 0, and the
+held-out options (--eval-activations, --eval-fraction 0)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import small_run_flags
+
+from jumprelu_ext import JumpReLUSAE
+from jumprelu_ext.train import loop as train
+from jumprelu_ext.train.config import PAPER_RECIPE, TrainConfig, parse_args
+from jumprelu_ext.train.distributed import Layout
+from jumprelu_ext.train.optimizer import clip_grad_norm_, keep_threshold_nonnegative
+from jumprelu_ext.train.sparsity import FixedCoefficient, TargetL0Controller
+
+D_IN = 16
+
+
+@pytest.fixture
+def activations(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "acts.npy"
+    np.save(path, (rng.normal(size=(1000, D_IN)) * 3.0 + 1.0).astype(np.float32))
+    return path
+
+
+def sae_with_gradients(threshold_param="log"):
+    torch.manual_seed(0)
+    sae = JumpReLUSAE(D_IN, 32, bandwidth=0.5, init_threshold=0.5, threshold_param=threshold_param)
+    sae.loss(torch.randn(64, D_IN) * 5, l0_coefficient=1.0).total.backward()
+    return sae
+
+
+def global_norm(sae):
+    return math.sqrt(sum(p.grad.double().pow(2).sum().item() for p in sae.parameters()))
+
+
+@pytest.mark.parametrize("threshold_param", ["log", "raw"])
+def test_clipping_scales_every_gradient_theta_included_to_the_global_norm(threshold_param):
+    sae = sae_with_gradients(threshold_param)
+    theta = sae.log_threshold if threshold_param == "log" else sae.get_parameter("threshold")
+    assert theta.grad.abs().sum() > 0  # θ's gradient is part of the norm
+    before = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    norm = global_norm(sae)
+    assert norm > 1.0
+    returned = clip_grad_norm_(sae, 1.0, Layout())
+    assert returned == pytest.approx(norm, rel=1e-5)
+    assert global_norm(sae) == pytest.approx(1.0, rel=1e-4)
+    for name, p in sae.named_parameters():  # one common factor for all, θ included
+        torch.testing.assert_close(p.grad, before[name] / norm, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_clipping_leaves_small_gradients_and_zero_only_measures():
+    sae = sae_with_gradients()
+    norm = global_norm(sae)
+    before = [p.grad.clone() for p in sae.parameters()]
+    assert clip_grad_norm_(sae, 0.0, Layout()) == pytest.approx(norm, rel=1e-5)
+    assert clip_grad_norm_(sae, 10 * norm, Layout()) == pytest.approx(norm, rel=1e-5)
+    for p, g in zip(sae.parameters(), before):
+        assert torch.equal(p.grad, g)
+
+
+def test_a_raw_threshold_is_kept_nonnegative():
+    sae = JumpReLUSAE(D_IN, 8, bandwidth=0.1, init_threshold=0.1, threshold_param="raw")
+    with torch.no_grad():
+        sae.get_parameter("threshold").copy_(torch.linspace(-1, 1, 8))
+    keep_threshold_nonnegative(sae)
+    assert sae.threshold.min() == 0 and sae.threshold.max() == 1
+
+
+def test_the_controller_raises_lambda_above_the_target_and_lowers_it_below():
+    controller = TargetL0Controller(target=40, initial=1e-3)
+    controller.observe(400)
+    raised = controller.at(0)
+    assert 1e-3 < raised <= 1e-3 * math.exp(controller.max_change) * (1 + 1e-12)
+    for _ in range(3):
+        controller.observe(4)
+    assert controller.at(0) < raised
+    at_target = controller.at(0)
+    controller.observe(40)
+    assert controller.at(0) == pytest.approx(at_target)
+    restored = TargetL0Controller(target=40, initial=5.0)
+    restored.load_state_dict(controller.state_dict())
+    assert restored.at(7) == controller.at(7)
+
+
+def test_a_fixed_coefficient_warms_up():
+    fixed = FixedCoefficient(0.2, warmup_steps=4)
+    assert [fixed.at(s) for s in (0, 2, 4, 9)] == [0.0, 0.1, 0.2, 0.2]
+
+
+def test_target_l0_is_reached_on_a_small_run(activations, tmp_path):
+    out = tmp_path / "target"
+    flags = small_run_flags(activations, out, "--steps", "300", "--target-l0", "6", "--l0-coefficient", "1e-3")
+    assert train.main([*flags, "--log-every", "50", "--eval-fraction", "0.2"]) == 0
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert evaluation["l0"] == pytest.approx(6, rel=0.25)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["l0_coefficient"] != rows[0]["l0_coefficient"]  # λ was steered, not fixed
+
+
+def test_recipe_presets():
+    default = parse_args(["--activations", "a.npy"])
+    assert default.recipe == "default" and default.max_grad_norm > 0
+    paper = parse_args(["--activations", "a.npy", "--recipe", "paper"])
+    assert {k: getattr(paper, k) for k in PAPER_RECIPE} == PAPER_RECIPE
+    assert paper.max_grad_norm == 0  # the paper does not clip
+    overridden = parse_args(["--activations", "a.npy", "--recipe", "paper", "--lr", "3e-4"])
+    assert overridden.lr == 3e-4 and overridden.bandwidth == PAPER_RECIPE["bandwidth"]
+    bare_paper = parse_args(["--recipe", "paper"])  # the embedded data, the paper's training values
+    assert bare_paper.model is not None and bare_paper.lr == PAPER_RECIPE["lr"]
+
+
+def test_separate_eval_file_trains_on_every_row(activations, tmp_path):
+    rng = np.random.default_rng(5)
+    held_out = tmp_path / "eval.npy"
+    np.save(held_out, (rng.normal(size=(200, D_IN)) * 3.0 + 1.0).astype(np.float32))
+    out = tmp_path / "run"
+    assert train.main(small_run_flags(activations, out, "--eval-activations", str(held_out))) == 0
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert evaluation["tokens"] == 200
+    assert evaluation["train_tokens_per_s"] > 0
+
+
+def test_eval_activations_must_match_width(activations, tmp_path):
+    held_out = tmp_path / "eval.npy"
+    np.save(held_out, np.ones((10, D_IN + 1), dtype=np.float32))
+    with pytest.raises(Exception, match="d_in is 17 but the SAE expects 16"):
+        train.main(small_run_flags(activations, tmp_path / "run", "--eval-activations", str(held_out)))
+
+
+def test_eval_fraction_zero_trains_on_everything_and_skips_evaluation(activations, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(small_run_flags(activations, out, "--eval-fraction", "0")) == 0
+    assert "nothing evaluated" in capsys.readouterr().out
+    assert (out / "sae_weights.safetensors").is_file() and not (out / "eval.json").exists()
+
+
+def test_no_clipping_matches_the_unclipped_recipe_and_clipping_changes_the_run(activations, tmp_path):
+    runs = {}
+    for name, norm in (("off", "0"), ("huge", "1e9"), ("tight", "0.01")):
+        assert train.main(small_run_flags(activations, tmp_path / name, "--max-grad-norm", norm)) == 0
+        runs[name] = load_file(tmp_path / name / "sae_weights.safetensors")
+    for key in runs["off"]:
+        assert torch.equal(runs["off"][key], runs["huge"][key]), key
+    assert not torch.equal(runs["off"]["W_enc"], runs["tight"]["W_enc"])
+
+
+def test_config_names_the_new_flags():
+    for flag in ("--max-grad-norm", "--target-l0", "--recipe", "--eval-activations", "--ste-to-input"):
+        assert flag[2:].replace("-", "_") in TrainConfig.__dataclass_fields__
