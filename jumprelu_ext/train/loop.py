@@ -29,6 +29,7 @@ from .data.prepare import prepare_data
 from .errors import UserError
 from .interrupt import StopRequest
 from .optimizer import build_optimizer, clip_grad_norm_, keep_threshold_nonnegative
+from .outdir import output_folder
 from .report.metrics import FiringTracker, evaluate
 from .report.plots import plot_curves, plot_density
 from .report.run_log import RunLog, check_logging_extras
@@ -60,7 +61,9 @@ def main(argv=None) -> int:
     # Under torchrun: join the process group (one rank per process); alone: a world of one.
     layout, device = distributed.init(cfg.device, cfg.shard_features)
     try:
-        status = train(cfg, layout, device)
+        # --out is checked (and created) before any data is read; a failed run leaves no empty folder.
+        with output_folder(cfg, layout.is_main):
+            status = train(cfg, layout, device)
         distributed.finish(layout)
         return status
     finally:
@@ -69,8 +72,7 @@ def main(argv=None) -> int:
 
 def train(cfg, layout, device) -> int:
     # ---------------------------------------------------------------- configuration
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out)  # checked and created by output_folder
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs use TF32 tensor cores
     torch.manual_seed(cfg.seed)
@@ -216,7 +218,7 @@ def train(cfg, layout, device) -> int:
         whole_sae = sharding.whole_sae(sae, layout, d_sae)
         if layout.is_main:
             save_sae(whole_sae, out, data.input_scale, {**data.metadata, "training_config": cfg.to_dict()})
-            plot_curves(run_log.rows, out / "curves.png")
+            plot_curves(run_log.rows, out / "curves.png", **curve_marks(cfg))
         return 0
     results = evaluate(sae, data.eval_batches(cfg.batch_size), data.input_scale)
     firing_rates = sharding.gather_features(results.pop("firing_rates"), layout, device)
@@ -235,10 +237,14 @@ def train(cfg, layout, device) -> int:
         return 0
     results["dead_fraction"] = (firing_rates == 0).double().mean().item()  # over all features
     results["dense_fraction"] = (firing_rates > DENSE_RATE).double().mean().item()
+    # Rows skipped for NaN/Inf: in the training stream (the last logged row's count, summed over
+    # ranks; a row counts each epoch it is met) and among the held-out rows.
+    results["dropped_rows"] = run_log.rows[-1]["dropped_rows"] if run_log.rows else data.train.dropped_rows
+    results["held_out_dropped_rows"] = int(data.eval_indices.size) - results["tokens"]
     save_sae(whole_sae, out, data.input_scale, {**data.metadata, "training_config": cfg.to_dict()})
     atomic_write_bytes(out / "eval.json", (json.dumps(results, indent=2) + "\n").encode())
-    plot_density(firing_rates, out / "density.png")
-    plot_curves(run_log.rows, out / "curves.png")
+    plot_density(firing_rates, out / "density.png", tokens=results["tokens"], dense_rate=DENSE_RATE)
+    plot_curves(run_log.rows, out / "curves.png", **curve_marks(cfg))
     say(summary(results, out))
     return 0
 
@@ -312,14 +318,22 @@ def peak_memory_mib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def curve_marks(cfg) -> dict:
+    """What curves.png marks besides the logged rows: the clipping norm, the L0 target."""
+    return {"max_grad_norm": cfg.max_grad_norm or None, "target_l0": cfg.target_l0}
+
+
 def summary(results: dict, out: Path) -> str:
+    """The printed evaluation: one aligned ``name value`` line per metric, then where the files are."""
+    entries = [(key, results[key]) for key in ("l0", "fvu", "mse", "dead_fraction", "dense_fraction")]
+    for key in ("dropped_rows", "held_out_dropped_rows"):  # NaN/Inf rows: shown when there were any
+        if results.get(key):
+            entries.append((key, results[key]))
+    entries += [(f"downstream.{key}", value) for key, value in results.get("downstream", {}).items()]
+    width = max(len(key) for key, _ in entries)
     lines = [f"evaluation on {results['tokens']} held-out tokens:"]
-    for key in ("l0", "fvu", "mse", "dead_fraction", "dense_fraction"):
-        lines.append(f"  {key:16s} {results[key]:.4g}")
-    for key, value in results.get("downstream", {}).items():
-        lines.append(
-            f"  downstream.{key:6s} {value:.4g}" if isinstance(value, float) else f"  downstream.{key} {value}"
-        )
+    for key, value in entries:
+        lines.append(f"  {key:{width}s}  {value:.4g}" if isinstance(value, float) else f"  {key:{width}s}  {value}")
     lines.append(
         f"SAE (SAELens layout) and report in {out}/: cfg.json, sae_weights.safetensors, eval.json, "
         "metrics.jsonl, density.png, curves.png"

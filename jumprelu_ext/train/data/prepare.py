@@ -31,6 +31,7 @@ class TrainingData:
     model: Any = None  # harvest.LoadedModel, for the downstream evaluation
     eval_tokens: Any = None  # harvest.TokenBatch of the held-out sequences
     metadata: dict = field(default_factory=dict)  # SAELens cfg metadata
+    source: str = "the activations"  # where the rows come from, for error messages
 
     def next_batch(self, layout) -> tuple[torch.Tensor, int]:
         """This rank's rows of the next global batch that has any finite row, scaled by the input
@@ -46,7 +47,7 @@ class TrainingData:
             empty_rows += self.train.batch_size
             if empty_rows >= 2 * self.train.indices.size:  # two epochs' worth: no row is finite
                 raise ActivationError(
-                    f"no finite rows among the {self.train.indices.size} rows to train on (all NaN/Inf)"
+                    f"{self.source}: no finite rows among the {self.train.indices.size} rows to train on (all NaN/Inf)"
                 )
 
     def eval_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
@@ -74,14 +75,17 @@ def _from_files(cfg, device, layout) -> TrainingData:
     else:
         eval_store = store
         train_idx, eval_idx = split_holdout(store, cfg.eval_fraction, cfg.seed)
+    source = str(cfg.activations)
+    _check_batch_size(cfg, train_idx.size, source)
     train = ShuffledBatches(store, cfg.batch_size, cfg.seed, device, indices=train_idx, shard=layout.data_shard)
     return TrainingData(
         train=train,
         eval_store=eval_store,
         eval_indices=eval_idx,
         d_in=store.d_in,
-        input_scale=estimate_scale(train, seed=cfg.seed),
+        input_scale=_input_scale(train, cfg.seed, source),
         metadata={"dataset_path": str(cfg.activations)},
+        source=source,
     )
 
 
@@ -96,13 +100,16 @@ def _from_model(cfg, device, layout) -> TrainingData:
     train_store = TensorStore(_harvest_shared(model, tokens.select(train_seq), layout))
     eval_tokens = tokens.select(eval_seq) if eval_seq.size else None
     eval_store = TensorStore(_harvest_shared(model, eval_tokens, layout)) if eval_seq.size else None
+    source = f"the activations of {cfg.model} block {cfg.layer} on {cfg.dataset}"
+    _check_batch_size(cfg, train_store.num_rows, source)
     train = ShuffledBatches(train_store, cfg.batch_size, cfg.seed, device, shard=layout.data_shard)
     return TrainingData(
         train=train,
         eval_store=eval_store,
         eval_indices=np.arange(eval_store.num_rows if eval_store else 0),
         d_in=train_store.d_in,
-        input_scale=estimate_scale(train, seed=cfg.seed),
+        input_scale=_input_scale(train, cfg.seed, source),
+        source=source,
         model=model,
         eval_tokens=eval_tokens,
         metadata={
@@ -114,6 +121,22 @@ def _from_model(cfg, device, layout) -> TrainingData:
             "exclude_special_tokens": True,
         },
     )
+
+
+def _check_batch_size(cfg, train_rows: int, source: str) -> None:
+    """A batch of more rows than there are to train on would repeat rows within one step."""
+    if cfg.batch_size > train_rows:
+        raise ActivationError(
+            f"--batch-size {cfg.batch_size} is larger than the {train_rows} training rows of {source}: "
+            "lower --batch-size or give more data"
+        )
+
+
+def _input_scale(train: ShuffledBatches, seed: int, source: str) -> float:
+    try:
+        return estimate_scale(train, seed=seed)
+    except ActivationError as e:  # all rows NaN/Inf: say which data
+        raise ActivationError(f"{source}: {e}") from e
 
 
 def _harvest_shared(model, tokens, layout) -> torch.Tensor:

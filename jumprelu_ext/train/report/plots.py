@@ -3,21 +3,24 @@
 matplotlib is imported lazily, inside the functions, and only its non-interactive Agg canvas
 is used (``Figure`` + ``FigureCanvasAgg``, not pyplot): no display is needed and the global
 pyplot backend/state is left untouched. Files are written atomically with
-``checkpoint.atomic_write`` (temporary file in the destination folder, then ``os.replace``).
+``files.atomic_write`` (temporary file in the destination folder, then ``os.replace``).
+
+``curves.png`` shows what a run is judged by, each against the step: loss and MSE, L0, FVU,
+mean θ, the dead and dense fractions of the log window, the gradient norm before clipping, and
+λ when ``--target-l0`` steers it (a fixed schedule says nothing about the run). Quantities that
+span decades (loss, MSE, L0, FVU, grad norm, and θ or λ when they do) get log axes, and every
+panel's y range is fitted to the run after its first 10% of steps, so the warm-up's first
+points (loss and L0 far above where they settle) do not squash the rest into a line; points
+outside the range are drawn at its edge as open markers.
 """
+
+import math
 
 from ...files import atomic_write
 
 __all__ = ["plot_density", "plot_curves"]
 
-# (key, subplot title) in display order; missing keys are skipped.
-CURVE_KEYS = [
-    ("loss", "loss"),
-    ("l0", "L0"),
-    ("fvu", "FVU"),
-    ("l0_coefficient", "λ (l0_coefficient)"),
-    ("lr", "lr"),
-]
+SETTLED_FROM = 0.1  # y ranges are fitted to the steps after this fraction of the run
 
 
 def _new_figure(figsize):
@@ -30,52 +33,157 @@ def _new_figure(figsize):
 
 
 def _save_png(fig, path):
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
-def plot_density(firing_rates, path, bins=50):
-    """Histogram of log10 feature firing rates to ``path`` (PNG); never-firing features
-    (log10 0 = -inf) are not binned but counted in the title."""
+def plot_density(firing_rates, path, bins=50, tokens=None, dense_rate=0.1, set_name="held-out"):
+    """Histogram of log10 feature firing rates on the ``set_name`` set of ``tokens`` tokens to
+    ``path`` (PNG), with the dense cut-off (``dense_rate``) and the lowest measurable rate (one
+    token) marked; never-firing features (log10 0 = -inf) are not binned but counted."""
+    import numpy as np
+
     from .metrics import density_histogram
 
     hist = density_histogram(firing_rates, bins=bins)
     n = int(hist.counts.sum()) + hist.never_fired
-    fig = _new_figure((6, 4))
+    rates = np.asarray(firing_rates, dtype=np.float64).reshape(-1)
+    dense = int((rates > dense_rate).sum())
+    fig = _new_figure((7, 4.2))
     ax = fig.add_subplot(1, 1, 1)
     if hist.counts.sum() > 0:
-        ax.stairs(hist.counts, hist.edges, fill=True)
-    ax.set_xlabel("log10 firing rate")
+        ax.stairs(hist.counts, hist.edges, fill=True, alpha=0.8, label="features")
+    ax.axvline(math.log10(dense_rate), color="tab:red", linestyle="--", label=f"dense: > {dense_rate:.0%} of tokens")
+    if tokens:
+        ax.axvline(-math.log10(tokens), color="gray", linestyle=":", label="fires on 1 token")
+    ax.set_xlabel(f"log10 firing rate (fraction of {set_name} tokens a feature fires on)")
     ax.set_ylabel("features")
-    pct = 100.0 * hist.never_fired / n if n else 0.0
-    ax.set_title(f"Feature density: {n} features, {hist.never_fired} never fired ({pct:.1f}%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small")
+    on = f" on {tokens:,} {set_name} tokens" if tokens else f" on the {set_name} set"
+    pct = (lambda k: 100.0 * k / n) if n else (lambda k: 0.0)
+    ax.set_title(
+        f"Feature density{on}\n{n:,} features: {hist.never_fired:,} never fired ({pct(hist.never_fired):.1f}%), "
+        f"{dense:,} dense ({pct(dense):.1f}%)",
+        fontsize="medium",
+    )
     fig.tight_layout()
     _save_png(fig, path)
 
 
-def plot_curves(metrics_rows, path):
-    """A row of subplots (loss, L0, FVU, λ, lr present in the rows) against ``step`` to ``path``.
+# (title, y label, [(row key, legend label)], log: True / False / "auto")
+PANELS = [
+    ("loss and MSE", "per token (scaled input)", [("loss", "loss"), ("mse", "MSE")], True),
+    ("L0", "active features per token", [("l0", "L0")], True),
+    ("FVU (batch)", "fraction of variance unexplained", [("fvu", "FVU")], True),
+    ("mean θ", "threshold (scaled input)", [("threshold_mean", "mean θ")], "auto"),
+    (
+        "dead and dense features (log window)",
+        "% of features",
+        [("dead_fraction", "dead: no firing"), ("dense_fraction", "dense: > 10% of tokens")],
+        False,
+    ),
+    ("gradient norm (before clipping)", "global L2 norm", [("grad_norm", "grad norm")], True),
+]
+LAMBDA_PANEL = ("λ (steered to the L0 target)", "l0_coefficient", [("l0_coefficient", "λ")], "auto")
+PERCENT_KEYS = {"dead_fraction", "dense_fraction"}
 
-    Rows without a key (or with None for it) are skipped for that curve; a key absent from
-    every row gets no subplot. A row without ``step`` uses its index."""
-    series = []
-    for key, title in CURVE_KEYS:
-        xs, ys = [], []
-        for i, row in enumerate(metrics_rows):
-            v = row.get(key)
-            if v is None:
-                continue
-            xs.append(row.get("step", i))
-            ys.append(float(v))
-        if xs:
-            series.append((title, xs, ys))
-    if not series:
-        raise ValueError(f"plot_curves: no row has any of {[k for k, _ in CURVE_KEYS]}")
 
-    fig = _new_figure((3.5 * len(series), 3))
-    for j, (title, xs, ys) in enumerate(series):
-        ax = fig.add_subplot(1, len(series), j + 1)
-        ax.plot(xs, ys)
-        ax.set_title(title)
+def _series(rows, key):
+    xs, ys = [], []
+    for i, row in enumerate(rows):
+        v = row.get(key)
+        if v is None or not math.isfinite(float(v)):
+            continue
+        xs.append(row.get("step", i))
+        ys.append(100.0 * float(v) if key in PERCENT_KEYS else float(v))
+    return xs, ys
+
+
+def _y_range(points, log, extra=()):
+    """(low, high) fitted to the settled part of the run and the ``extra`` values, padded; None
+    to let matplotlib choose."""
+    if not points:
+        return None
+    last = max(x for x, _ in points)
+    settled = [y for x, y in points if x >= SETTLED_FROM * last] or [y for _, y in points]
+    settled += list(extra)
+    if log:
+        settled = [y for y in settled if y > 0]
+        if not settled:
+            return None
+        lo, hi = math.log10(min(settled)), math.log10(max(settled))
+        pad = max(0.08 * (hi - lo), 0.05)
+        return 10 ** (lo - pad), 10 ** (hi + pad)
+    lo, hi = min(settled), max(settled)
+    pad = max(0.08 * (hi - lo), 0.05 * max(abs(lo), abs(hi)), 1e-3)
+    return lo - pad, hi + pad
+
+
+def _is_log(log, ys):
+    if log == "auto":
+        return bool(ys) and min(ys) > 0 and max(ys) / min(ys) > 10
+    return log and bool(ys) and min(ys) > 0
+
+
+def plot_curves(metrics_rows, path, max_grad_norm=None, target_l0=None):
+    """The training curves (see the module docstring) against ``step`` to ``path`` (PNG).
+
+    Rows without a key (or with None / a non-finite value for it) are skipped for that curve; a
+    panel none of whose keys appears gets no subplot. A row without ``step`` uses its index.
+    ``max_grad_norm`` draws the clipping norm on the gradient-norm panel; ``target_l0`` draws the
+    target on the L0 panel and adds a panel for λ, which the target-L0 controller varies."""
+    panels = PANELS + ([LAMBDA_PANEL] if target_l0 is not None else [])
+    drawn = []
+    for title, ylabel, keys, log in panels:
+        curves = [(label, *_series(metrics_rows, key)) for key, label in keys]
+        curves = [c for c in curves if c[1]]
+        if curves:
+            drawn.append((title, ylabel, curves, log))
+    if not drawn:
+        raise ValueError(f"plot_curves: no row has any of {[k for p in panels for k, _ in p[2]]}")
+
+    columns = min(3, len(drawn))
+    rows = -(-len(drawn) // columns)
+    fig = _new_figure((4.6 * columns, 3.4 * rows))
+    for j, (title, ylabel, curves, log) in enumerate(drawn):
+        ax = fig.add_subplot(rows, columns, j + 1)
+        every_y = [y for _, _, ys in curves for y in ys]
+        log = _is_log(log, every_y)
+        marks = []
+        if title == "L0" and target_l0 is not None:
+            marks.append((target_l0, f"target {target_l0:g}"))
+        if title.startswith("gradient norm") and max_grad_norm:
+            marks.append((max_grad_norm, f"clipped above {max_grad_norm:g}"))
+        points = [(x, y) for _, xs, ys in curves for x, y in zip(xs, ys)]
+        limits = _y_range(points, log, extra=[v for v, _ in marks])
+        for label, xs, ys in curves:
+            (line,) = ax.plot(xs, ys, label=label, linewidth=1.3)
+            if limits is not None:  # points outside the fitted range: open markers at its edge
+                lo, hi = limits
+                off = [(x, min(max(y, lo), hi)) for x, y in zip(xs, ys) if not lo <= y <= hi]
+                if off:
+                    ox, oy = zip(*off)
+                    ax.plot(ox, oy, linestyle="none", marker="o", markerfacecolor="none", color=line.get_color())
+        for value, label in marks:
+            ax.axhline(value, color="gray", linestyle="--", linewidth=1, label=label)
+        if log:
+            ax.set_yscale("log")
+        if limits is not None:
+            ax.set_ylim(*limits)
+        ax.set_title(title, fontsize="medium")
         ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="major", alpha=0.35)
+        if log:
+            ax.grid(True, which="minor", alpha=0.12)
+        if len(curves) > 1 or marks:
+            ax.legend(fontsize="small")
+    last_row = metrics_rows[-1] if metrics_rows else {}
+    if "tokens" in last_row:
+        fig.suptitle(
+            f"Training curves: {last_row.get('step', len(metrics_rows)):,} steps, {last_row['tokens']:,} tokens "
+            f"(y ranges fitted to the steps after the first {SETTLED_FROM:.0%}; open circles: points beyond them)",
+            fontsize="medium",
+        )
     fig.tight_layout()
     _save_png(fig, path)

@@ -1,0 +1,106 @@
+"""The run's ``--out`` folder, checked before any data is read.
+
+``output_folder(cfg, is_main)`` is a context manager around the run:
+
+- ``--out`` must be a folder (or not exist yet) that this process can write to; a file there, a
+  read-only filesystem or a missing permission is an error at start-up, not after harvesting;
+- a folder that holds a started or finished run (``checkpoint.pt`` or
+  ``sae_weights.safetensors``) is not written into unless ``--resume`` continues it or
+  ``--overwrite`` replaces it (then the old run's files are removed first, so nothing of it is
+  mixed into the new one);
+- temp files left by a write that a kill interrupted (``.NAME.XXXXXXXX.tmp``) are removed;
+- a folder this run created is removed again, with any parents it created, if the run fails and
+  leaves it empty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from ..export import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from ..files import remove_stale_temp_files
+from .checkpoint import CHECKPOINT_NAME
+from .errors import UserError
+from .report.run_log import METRICS_NAME
+
+__all__ = ["OutputError", "RUN_FILES", "output_folder"]
+
+# What marks a folder as holding a run: a checkpoint (started) or the SAE (finished).
+RUN_MARKERS = (CHECKPOINT_NAME, SAE_WEIGHTS_FILENAME)
+# Every file a run writes into --out (TensorBoard's folder aside): what --overwrite removes.
+RUN_FILES = (
+    CHECKPOINT_NAME,
+    SAE_WEIGHTS_FILENAME,
+    SAE_CFG_FILENAME,
+    "eval.json",
+    METRICS_NAME,
+    "density.png",
+    "curves.png",
+)
+
+
+class OutputError(UserError):
+    """An --out folder that cannot or must not be written into."""
+
+
+@contextlib.contextmanager
+def output_folder(cfg, is_main: bool = True):
+    """Check and prepare ``cfg.out`` (see the module's docstring); yields its Path. Only the main
+    rank removes files; every rank checks, so all of them fail alike."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file, not a folder: give a folder for the run's files")
+    held = [name for name in RUN_MARKERS if (out / name).is_file()]
+    if held and not (cfg.resume or cfg.overwrite):
+        raise OutputError(
+            f"--out {out} already holds a run ({', '.join(held)}): continue it with --resume, "
+            "replace it with --overwrite, or give another --out"
+        )
+    created = _make_folder(out)
+    try:
+        _check_writable(out)
+        if is_main:
+            remove_stale_temp_files(out)
+            if cfg.overwrite:
+                for name in RUN_FILES:
+                    (out / name).unlink(missing_ok=True)
+        yield out
+    except BaseException:
+        _remove_if_empty(created)
+        raise
+
+
+def _make_folder(out: Path) -> list[Path]:
+    """Create ``out`` and its missing parents; return the folders created, deepest first."""
+    missing = []
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"--out {out}: cannot create the folder: {e.strerror or e}") from e
+    return missing
+
+
+def _check_writable(out: Path) -> None:
+    """Create and remove a file in ``out``: the only test that also catches a read-only mount,
+    a full disk's quota or an ACL (``os.access`` sees none of them, and root passes it always)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=out, prefix=".write-check-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise OutputError(f"--out {out}: cannot write there: {e.strerror or e}") from e
+
+
+def _remove_if_empty(created: list[Path]) -> None:
+    for folder in created:  # deepest first; stops at the first that is not empty
+        try:
+            folder.rmdir()
+        except OSError:
+            return
