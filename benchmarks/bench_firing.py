@@ -72,12 +72,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--pairs", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="one tiny shape: a smoke test")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
     env = harness.environment(device)
-    records = [{**env, **measure(*shape, device, args.pairs)} for shape in SHAPES[device.type]]
+    shapes = [(32, 64, 256)] if args.quick else SHAPES[device.type]
+    records = [{**env, **measure(*shape, device, args.pairs)} for shape in shapes]
     harness.publish(
         records,
         COLUMNS,
