@@ -4,7 +4,9 @@
 //   register_ops<forward_cpu, backward_cpu, empty_cpu>(m);
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 

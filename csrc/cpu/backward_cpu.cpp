@@ -88,7 +88,7 @@ void backward_kernel(const BackwardArgs& a) {
   if (!a.grad_threshold.defined()) return;
 
   theta_t* grad_threshold = a.grad_threshold.mutable_data_ptr<theta_t>();
-  at::parallel_for(0, features, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, features, kGrainSize, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       acc_t sum = 0;
       for (int64_t c = 0; c < chunks; ++c) sum += partials[c * features + j];

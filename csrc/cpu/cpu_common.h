@@ -2,7 +2,6 @@
 #pragma once
 
 #include <ATen/Parallel.h>
-#include <ATen/TensorIterator.h>  // at::internal::GRAIN_SIZE
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
@@ -12,9 +11,13 @@
 
 namespace jumprelu_ext {
 
-// Rows handled together so that work per task is worth a thread.
+// Elements per parallel task: ATen's at::internal::GRAIN_SIZE (declared in the much heavier
+// TensorIterator.h), so that work per task is worth a thread.
+constexpr int64_t kGrainSize = 32768;
+
+// Rows handled together.
 inline int64_t row_grain(int64_t features) {
-  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(features, 1));
+  return std::max<int64_t>(1, kGrainSize / std::max<int64_t>(features, 1));
 }
 
 template <typename acc_t, typename theta_t>

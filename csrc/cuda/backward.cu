@@ -3,10 +3,10 @@
 // The pass writes grad_pre (when wanted) and one acc_t partial θ-gradient per
 // (row chunk, threadIdx.y) and column; a second kernel sums the partials in a fixed order, so
 // the θ gradient is bitwise reproducible without floating-point atomics.
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "../dispatch.h"
 #include "../kernels.h"
@@ -134,7 +134,7 @@ void backward_cuda(const BackwardArgs& args) {
   TORCH_CHECK(args.pre.is_cuda() && args.threshold.is_cuda(),
               "jumprelu backward (CUDA): pre and threshold must be CUDA tensors");
   const at::cuda::OptionalCUDAGuard guard(args.pre.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t rows = args.pre.size(0), features = args.pre.size(1);
   const BackwardMode mode = backward_mode(args);
   const bool with_theta = args.grad_threshold.defined();

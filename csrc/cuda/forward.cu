@@ -2,10 +2,10 @@
 // Tiling in common.cuh. The per-row L0 count is reduced in the block (warp shuffles, then the
 // block's warps through shared memory) and added to the row's integer counter with one atomic
 // per block and row: integer atomics are exact in any order.
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "../dispatch.h"
 #include "../kernels.h"
@@ -109,7 +109,7 @@ void forward_cuda(const ForwardArgs& args) {
   TORCH_CHECK(args.pre.is_cuda() && args.threshold.is_cuda() && args.out.is_cuda(),
               "jumprelu (CUDA): pre, threshold and the output must be CUDA tensors");
   const at::cuda::OptionalCUDAGuard guard(args.pre.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t rows = args.pre.size(0), features = args.pre.size(1);
   const bool with_l0 = args.mode == ForwardMode::kJumpReLUL0;
   // Exact per-row counts (order-free integer atomics), converted to l0's float32 below.
