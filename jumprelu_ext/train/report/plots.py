@@ -70,7 +70,9 @@ def plot_density(firing_rates, path, bins=50, tokens=None, dense_rate=0.1, set_n
     _save_png(fig, path)
 
 
-# (title, y label, [(row key, legend label)], log: True / False / "auto")
+# (title, y label, [(row key, legend label)], scale: True (log) / False / "auto" (log when the
+# values span more than a decade) / "percent" (0-100%, linear below 0.1% and log above, so 0.4%
+# and 60% are both readable; not fitted))
 PANELS = [
     ("loss and MSE", "per token (scaled input)", [("loss", "loss"), ("mse", "MSE")], True),
     ("L0", "active features per token", [("l0", "L0")], True),
@@ -80,12 +82,28 @@ PANELS = [
         "dead and dense features (log window)",
         "% of features",
         [("dead_fraction", "dead: no firing"), ("dense_fraction", "dense: > 10% of tokens")],
-        False,
+        "percent",
     ),
     ("gradient norm (before clipping)", "global L2 norm", [("grad_norm", "grad norm")], True),
 ]
 LAMBDA_PANEL = ("λ (steered to the L0 target)", "l0_coefficient", [("l0_coefficient", "λ")], "auto")
 PERCENT_KEYS = {"dead_fraction", "dense_fraction"}
+
+
+def _plain(value, _position=None):
+    return f"{value:g}"
+
+
+def _minor(value, _position=None):
+    """Minor log ticks labelled at 2, 3 and 5 times a power of ten only, so they do not crowd."""
+    if value <= 0:
+        return ""
+    mantissa = value / 10 ** math.floor(math.log10(value) + 1e-9)
+    return f"{value:g}" if any(abs(mantissa - m) < 1e-6 for m in (2, 3, 5)) else ""
+
+
+def _no_label(value, _position=None):
+    return ""
 
 
 def _series(rows, key):
@@ -120,6 +138,8 @@ def _y_range(points, log, extra=()):
 
 
 def _is_log(log, ys):
+    if log == "percent":
+        return False
     if log == "auto":
         return bool(ys) and min(ys) > 0 and max(ys) / min(ys) > 10
     return log and bool(ys) and min(ys) > 0
@@ -148,6 +168,7 @@ def plot_curves(metrics_rows, path, max_grad_norm=None, target_l0=None):
     for j, (title, ylabel, curves, log) in enumerate(drawn):
         ax = fig.add_subplot(rows, columns, j + 1)
         every_y = [y for _, _, ys in curves for y in ys]
+        percent = log == "percent"
         log = _is_log(log, every_y)
         marks = []
         if title == "L0" and target_l0 is not None:
@@ -155,7 +176,7 @@ def plot_curves(metrics_rows, path, max_grad_norm=None, target_l0=None):
         if title.startswith("gradient norm") and max_grad_norm:
             marks.append((max_grad_norm, f"clipped above {max_grad_norm:g}"))
         points = [(x, y) for _, xs, ys in curves for x, y in zip(xs, ys)]
-        limits = _y_range(points, log, extra=[v for v, _ in marks])
+        limits = None if percent else _y_range(points, log, extra=[v for v, _ in marks])
         for label, xs, ys in curves:
             (line,) = ax.plot(xs, ys, label=label, linewidth=1.3)
             if limits is not None:  # points outside the fitted range: open markers at its edge
@@ -168,6 +189,13 @@ def plot_curves(metrics_rows, path, max_grad_norm=None, target_l0=None):
             ax.axhline(value, color="gray", linestyle="--", linewidth=1, label=label)
         if log:
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(_plain)  # 0.3, not 3×10⁻¹
+            ax.yaxis.set_minor_formatter(_minor if limits and limits[1] / limits[0] < 30 else _no_label)
+        if percent:
+            ax.set_yscale("symlog", linthresh=0.1, linscale=0.5)
+            ax.set_ylim(0, 100)
+            ax.set_yticks([0, 0.1, 1, 10, 100])
+            ax.yaxis.set_major_formatter(_plain)
         if limits is not None:
             ax.set_ylim(*limits)
         ax.set_title(title, fontsize="medium")

@@ -1,0 +1,218 @@
+"""What the trainer reports (issue 13, items 4, 6 and 8): data problems stated (NaN/Inf rows
+dropped, a batch larger than the data, all-NaN data named), the printed summary aligned, and
+plots a researcher can read."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jumprelu_ext.train import loop
+from jumprelu_ext.train.data.activations import split_holdout
+from jumprelu_ext.train.errors import run_cli
+from jumprelu_ext.train.report import plots
+
+D_IN = 16
+SMALL_RUN = (
+    "--d-sae 32 --batch-size 64 --steps 4 --lr 1e-3 --lr-warmup-steps 2 --sparsity-warmup-steps 2 "
+    "--threshold-lr 1e-2 --init-threshold 0.05 --bandwidth 0.05 --log-every 2 --device cpu"
+).split()
+
+
+def flags(activations, out, *extra):
+    return ["--activations", str(activations), "--out", str(out), *SMALL_RUN, *extra]
+
+
+def rows(n=1000, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, D_IN)).astype(np.float32) * 3.0 + 1.0
+
+
+def cli(argv, capsys):
+    capsys.readouterr()
+    status = run_cli(loop.main, argv)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def one_error_line(err):
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# ------------------------------------------------------------------ item 6: data problems stated
+
+
+def test_dropped_rows_are_in_the_summary_and_eval_json(tmp_path, capsys):
+    x = rows()
+    bad = np.arange(0, 1000, 10)  # 100 rows: NaN in some, Inf in others
+    x[bad[::2], 3] = np.nan
+    x[bad[1::2], 5] = np.inf
+    path = tmp_path / "acts.npy"
+    np.save(path, x)
+    status, out, err = cli(flags(path, tmp_path / "run", "--steps", "20"), capsys)
+    assert status == 0, err
+
+    results = json.loads((tmp_path / "run" / "eval.json").read_text())
+    _, held_out = split_holdout(1000, 0.05, 0)
+    expected_held_out = int(np.isin(held_out, bad).sum())
+    assert expected_held_out > 0
+    assert results["held_out_dropped_rows"] == expected_held_out
+    assert results["tokens"] == held_out.size - expected_held_out
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert results["dropped_rows"] == metrics[-1]["dropped_rows"] > 0
+    summary = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("  ")}
+    assert summary["dropped_rows"] == str(results["dropped_rows"])
+    assert summary["held_out_dropped_rows"] == str(expected_held_out)
+
+
+def test_clean_data_reports_zero_dropped_rows(tmp_path, capsys):
+    path = tmp_path / "acts.npy"
+    np.save(path, rows())
+    status, out, err = cli(flags(path, tmp_path / "run"), capsys)
+    assert status == 0, err
+    results = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert results["dropped_rows"] == 0 and results["held_out_dropped_rows"] == 0
+    assert "dropped_rows" not in out  # the summary names them only when there are some
+
+
+def test_a_batch_larger_than_the_training_rows_is_an_error(tmp_path, capsys):
+    path = tmp_path / "acts.npy"
+    np.save(path, rows())  # 950 training rows after the 5% held out
+    status, _, err = cli(flags(path, tmp_path / "run", "--batch-size", "2000"), capsys)
+    assert status == 2
+    line = one_error_line(err)
+    assert "--batch-size 2000" in line and "950" in line and "acts.npy" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_all_nan_data_names_the_file(tmp_path, capsys):
+    path = tmp_path / "all_nan.npy"
+    np.save(path, np.full((100, D_IN), np.nan, dtype=np.float32))
+    status, _, err = cli(flags(path, tmp_path / "run", "--batch-size", "8"), capsys)
+    assert status == 2
+    line = one_error_line(err)
+    assert "all_nan.npy" in line and "NaN" in line
+
+
+# ------------------------------------------------------------------ item 8: the summary lines up
+
+
+def test_summary_columns_line_up():
+    results = {
+        "tokens": 6426,
+        "l0": 23.76,
+        "fvu": 0.2959,
+        "mse": 0.2428,
+        "dead_fraction": 0.01042,
+        "dense_fraction": 0.004232,
+        "dropped_rows": 12,
+        "held_out_dropped_rows": 3,
+        "downstream": {"kind": "encoder", "cosine_similarity": 0.9019, "token_cosine_similarity": 0.8616},
+    }
+    lines = [line for line in loop.summary(results, "runs/x").splitlines() if line.startswith("  ")]
+    names = [line.split()[0] for line in lines]
+    assert names == [
+        "l0",
+        "fvu",
+        "mse",
+        "dead_fraction",
+        "dense_fraction",
+        "dropped_rows",
+        "held_out_dropped_rows",
+        "downstream.kind",
+        "downstream.cosine_similarity",
+        "downstream.token_cosine_similarity",
+    ]
+    value_columns = {line.index(line.split()[1], len("  ") + len(line.split()[0])) for line in lines}
+    assert len(value_columns) == 1, "\n".join(lines)
+
+
+# ------------------------------------------------------------------ item 4: plots
+
+
+def _captured_figures(monkeypatch):
+    figures = []
+
+    def keep(fig, path):
+        figures.append(fig)
+
+    monkeypatch.setattr(plots, "_save_png", keep)
+    return figures
+
+
+def _log_rows(steps=100, target=False):
+    out = []
+    for step in range(5, steps + 1, 5):
+        settle = np.exp(-step / 10)
+        out.append(
+            {
+                "step": step,
+                "tokens": step * 4096,
+                "loss": 0.3 + 5.0 * settle,
+                "mse": 0.25 + 4.0 * settle,
+                "l0": 24 + 750 * settle,
+                "fvu": 0.3 + 10 * settle,
+                "l0_coefficient": 4e-3 * (1 + 0.1 * np.sin(step)) if target else 4e-3 * min(1, step / 20),
+                "lr": 7e-4 * min(1, step / 10),
+                "grad_norm": 0.2 + 30 * settle,
+                "threshold_mean": 0.02 + 0.2 * (1 - settle),
+                "dead_fraction": 0.01,
+                "dense_fraction": 0.004 + 0.5 * settle,
+                "dropped_rows": 0,
+            }
+        )
+    return out
+
+
+def test_curves_show_what_judges_a_run_on_readable_axes(tmp_path, monkeypatch):
+    figures = _captured_figures(monkeypatch)
+    plots.plot_curves(_log_rows(), tmp_path / "curves.png", max_grad_norm=1.0)
+    (fig,) = figures
+    axes = {ax.get_title(): ax for ax in fig.axes}
+    titles = " | ".join(axes)
+    for wanted in ("loss", "L0", "FVU", "θ", "dead", "dense", "gradient norm"):
+        assert wanted in titles, titles
+    assert not any(title in ("lr", "λ (l0_coefficient)") for title in axes), titles  # fixed schedules left out
+    assert not any("λ" in title for title in axes), titles
+    loss_axis = next(ax for title, ax in axes.items() if title.startswith("loss"))
+    assert {line.get_label() for line in loss_axis.get_lines()} >= {"loss", "MSE"}
+    for title, ax in axes.items():
+        assert ax.get_ylabel(), f"{title}: no y label"
+        assert ax.xaxis.get_gridlines()[0].get_visible(), f"{title}: no grid"
+    for prefix in ("loss", "L0", "FVU", "gradient norm"):  # values spanning decades: log axes
+        ax = next(ax for title, ax in axes.items() if title.startswith(prefix))
+        assert ax.get_yscale() == "log", prefix
+    # The first points (warm-up) do not squash the rest: the y range fits the settled run.
+    l0_axis = axes["L0"]
+    low, high = l0_axis.get_ylim()
+    assert high < _log_rows()[0]["l0"], (low, high)  # the first logged point lies above the range
+    assert low < 24 < high
+
+
+def test_curves_show_lambda_and_the_target_with_target_l0(tmp_path, monkeypatch):
+    figures = _captured_figures(monkeypatch)
+    plots.plot_curves(_log_rows(target=True), tmp_path / "curves.png", target_l0=24)
+    axes = {ax.get_title(): ax for ax in figures[0].axes}
+    assert any("λ" in title for title in axes), list(axes)
+    assert any("target" in line.get_label() for line in axes["L0"].get_lines())
+
+
+def test_density_names_the_set_and_marks_the_dense_cutoff(tmp_path, monkeypatch):
+    figures = _captured_figures(monkeypatch)
+    rates = np.concatenate([np.zeros(10), np.logspace(-4, -0.2, 90)])
+    plots.plot_density(rates, tmp_path / "density.png", tokens=6426, dense_rate=0.1)
+    (ax,) = figures[0].axes
+    assert "held-out" in ax.get_title() and "6,426" in ax.get_title()
+    dense = int((rates > 0.1).sum())
+    assert f"{dense} dense" in ax.get_title()
+    vertical_at = {round(float(line.get_xdata()[0]), 6) for line in ax.get_lines()}
+    assert -1.0 in vertical_at  # log10(0.1): the dense cut-off
+
+
+@pytest.mark.parametrize("name", ["curves.png", "density.png"])
+def test_a_real_run_writes_both_plots(tmp_path, capsys, name):
+    path = tmp_path / "acts.npy"
+    np.save(path, rows())
+    assert cli(flags(path, tmp_path / "run"), capsys)[0] == 0
+    assert (tmp_path / "run" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
