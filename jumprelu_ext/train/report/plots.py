@@ -86,7 +86,7 @@ PANELS = [
     ),
     ("gradient norm (before clipping)", "global L2 norm", [("grad_norm", "grad norm")], True),
 ]
-LAMBDA_PANEL = ("λ (steered to the L0 target)", "l0_coefficient", [("l0_coefficient", "λ")], "auto")
+LAMBDA_PANEL = ("λ (steered to the L0 target)", "λ (--l0-coefficient)", [("l0_coefficient", "λ")], "auto")
 PERCENT_KEYS = {"dead_fraction", "dense_fraction"}
 
 
@@ -162,7 +162,7 @@ def plot_curves(metrics_rows, path, max_grad_norm=None, target_l0=None):
     if not drawn:
         raise ValueError(f"plot_curves: no row has any of {[k for p in panels for k, _ in p[2]]}")
 
-    columns = min(3, len(drawn))
+    columns = min(3 if len(drawn) <= 6 else 4, len(drawn))
     rows = -(-len(drawn) // columns)
     fig = _new_figure((4.6 * columns, 3.4 * rows))
     for j, (title, ylabel, curves, log) in enumerate(drawn):
@@ -190,7 +190,7 @@ def plot_curves(metrics_rows, path, max_grad_norm=None, target_l0=None):
         if log:
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(_plain)  # 0.3, not 3×10⁻¹
-            ax.yaxis.set_minor_formatter(_minor if limits and limits[1] / limits[0] < 30 else _no_label)
+            ax.yaxis.set_minor_formatter(_minor if limits and limits[1] / limits[0] < 300 else _no_label)
         if percent:
             ax.set_yscale("symlog", linthresh=0.1, linscale=0.5)
             ax.set_ylim(0, 100)
