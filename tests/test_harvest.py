@@ -80,8 +80,20 @@ def test_bad_jsonl_names_file_and_line(tmp_path, content, message):
 def test_missing_and_unsupported_files(tmp_path):
     with pytest.raises(TextError, match="no such file"):
         read_texts(str(tmp_path / "missing.txt"))
+    (tmp_path / "table.csv").write_text("a,b\n")
     with pytest.raises(TextError, match="unsupported text file"):
+        read_texts(str(tmp_path / "table.csv"))
+    with pytest.raises(TextError, match="folder holds no .txt, .jsonl or .parquet files"):
         read_texts(str(tmp_path))
+
+
+def test_a_folder_is_its_files_in_path_order(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "two.jsonl").write_text(json.dumps({"text": "three"}) + "\n")
+    (tmp_path / "a.txt").write_text("one\n\ntwo\n")
+    (tmp_path / "notes.md").write_text("ignored")
+    assert read_texts(str(tmp_path)) == ["one", "two", "three"]
+    assert read_texts(str(tmp_path), max_documents=2) == ["one", "two"]
 
 
 def test_hub_dataset_failure_is_a_one_line_user_error(monkeypatch):

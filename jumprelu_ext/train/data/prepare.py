@@ -1,5 +1,6 @@
 """Where the trainer's activations come from: cached files (``--activations``) or a model
-harvested at start-up (``--model``), split into a shuffled training stream and a held-out set."""
+streamed over text (``--model``, ``stream.py``), split into a shuffled training stream and a
+held-out set."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .activations import (
 
 @dataclass
 class TrainingData:
-    train: ShuffledBatches  # raw (unscaled) batches on the training device
+    train: Any  # ShuffledBatches or StreamedBatches: raw (unscaled) batches on the training device
     eval_store: Any  # ActivationStore or TensorStore
     eval_indices: np.ndarray
     d_in: int
@@ -32,6 +33,7 @@ class TrainingData:
     eval_tokens: Any = None  # harvest.TokenBatch of the held-out sequences
     metadata: dict = field(default_factory=dict)  # SAELens cfg metadata
     source: str = "the activations"  # where the rows come from, for error messages
+    eval_source: str | None = None  # where the held-out rows come from, when not from `source`
 
     def next_batch(self, layout) -> tuple[torch.Tensor, int]:
         """This rank's rows of the next global batch that has any finite row, scaled by the input
@@ -45,17 +47,34 @@ class TrainingData:
             if rows:
                 return x * self.input_scale, rows
             empty_rows += self.train.batch_size
-            if empty_rows >= 2 * self.train.indices.size:  # two epochs' worth: no row is finite
-                raise ActivationError(
-                    f"{self.source}: no finite rows among the {self.train.indices.size} rows to train on (all NaN/Inf)"
-                )
+            epoch = self.epoch_rows()
+            if epoch is not None and empty_rows >= 2 * epoch:  # two epochs' worth: no row is finite
+                raise ActivationError(f"{self.source}: no finite rows among the {epoch} rows to train on (all NaN/Inf)")
+
+    def epoch_rows(self) -> int | None:
+        """Rows in one pass over the training data (None for a stream not yet read to its end)."""
+        indices = getattr(self.train, "indices", None)
+        return indices.size if indices is not None else self.train.rows_per_pass
+
+    def describe_training_rows(self) -> str:
+        """For the start-up line: how many rows there are to train on."""
+        if hasattr(self.train, "indices"):
+            return f"{self.train.indices.size} training rows"
+        return f"streamed in fills of {self.train.buffer_tokens} rows"
 
     def eval_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """Held-out rows, scaled by the input scale, non-finite rows left out."""
-        device = self.train.device
+        device, finite_rows = self.train.device, 0
         for start in range(0, self.eval_indices.size, batch_size):
             x = self.eval_store.rows(self.eval_indices[start : start + batch_size]).to(device)
-            yield x[torch.isfinite(x).all(dim=1)] * self.input_scale
+            x = x[torch.isfinite(x).all(dim=1)]
+            finite_rows += x.shape[0]
+            yield x * self.input_scale
+        if self.eval_indices.size and not finite_rows:
+            raise ActivationError(
+                f"{self.eval_source or self.source}: all {self.eval_indices.size} held-out rows are NaN/Inf: "
+                "nothing to evaluate"
+            )
 
 
 def prepare_data(cfg, device: torch.device, layout) -> TrainingData:
@@ -86,29 +105,59 @@ def _from_files(cfg, device, layout) -> TrainingData:
         input_scale=_input_scale(train, cfg.seed, source),
         metadata={"dataset_path": str(cfg.activations)},
         source=source,
+        eval_source=cfg.eval_activations,
     )
 
 
 def _from_model(cfg, device, layout) -> TrainingData:
-    from .harvest import load_model, tokenize
+    """Streams (docs/trainer.md#streaming-from-a-model): the held-out windows are set aside and
+    harvested first; training rows are harvested fill by fill while the SAE trains."""
+    from tqdm import tqdm
+
+    from .harvest import HarvestError, load_model, window_spec
+    from .stream import StreamedBatches, heldout_windows
     from .text import iter_texts
 
+    iter_texts(cfg.dataset)  # a bad path fails before the model loads
     model = load_model(cfg.model, cfg.layer, device=device)
-    tokens = tokenize(model.tokenizer, iter_texts(cfg.dataset), cfg.context_length, model.is_causal_lm, cfg.max_tokens)
-    # Hold out whole sequences, so no evaluated token has trained neighbours in its context.
-    train_seq, eval_seq = split_holdout(tokens.input_ids.shape[0], cfg.eval_fraction, cfg.seed)
-    train_store = TensorStore(_harvest_shared(model, tokens.select(train_seq), layout))
-    eval_tokens = tokens.select(eval_seq) if eval_seq.size else None
-    eval_store = TensorStore(_harvest_shared(model, eval_tokens, layout)) if eval_seq.size else None
+    if model.max_positions is not None and cfg.context_length > model.max_positions:
+        raise HarvestError(
+            f"--context-length {cfg.context_length} exceeds {cfg.model}'s maximum of {model.max_positions} positions"
+        )
+    spec = window_spec(model.tokenizer, cfg.context_length, model.is_causal_lm)
+    # Whole windows are held out, so no evaluated token has trained neighbours in its context.
+    eval_tokens, heldout = heldout_windows(
+        model, cfg.dataset, spec, cfg.max_tokens, cfg.eval_fraction, cfg.eval_windows, cfg.seed
+    )
+    eval_store = TensorStore(_harvest_shared(model, eval_tokens, layout)) if eval_tokens is not None else None
     source = f"the activations of {cfg.model} block {cfg.layer} on {cfg.dataset}"
-    _check_batch_size(cfg, train_store.num_rows, source)
-    train = ShuffledBatches(train_store, cfg.batch_size, cfg.seed, device, shard=layout.data_shard)
+    train = StreamedBatches(
+        model,
+        cfg.dataset,
+        spec,
+        batch_size=cfg.batch_size,
+        buffer_tokens=cfg.buffer_tokens,
+        seed=cfg.seed,
+        device=device,
+        layout=layout,
+        heldout=heldout,
+        max_tokens=cfg.max_tokens,
+        harvest_batch_size=cfg.harvest_batch_size,
+        log=tqdm.write if layout.is_main else None,
+    )
+    first = train.current_fill()  # harvested now: the input scale is estimated on it
+    if first.whole_pass:
+        _check_batch_size(cfg, first.rows.shape[0], source)
+    try:
+        input_scale = estimate_scale(train.scale_store(), seed=cfg.seed)
+    except ActivationError as e:  # all rows NaN/Inf: say which data
+        raise ActivationError(f"{source}: {e}") from e
     return TrainingData(
         train=train,
         eval_store=eval_store,
         eval_indices=np.arange(eval_store.num_rows if eval_store else 0),
-        d_in=train_store.d_in,
-        input_scale=_input_scale(train, cfg.seed, source),
+        d_in=model.d_model,
+        input_scale=input_scale,
         source=source,
         model=model,
         eval_tokens=eval_tokens,

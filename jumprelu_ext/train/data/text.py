@@ -6,11 +6,13 @@
   about 128k MiniLM tokens), one document per topic in sorted key order. Needs no download.
 - a local ``.txt`` file: documents are separated by one or more blank lines (paragraphs).
 - a local ``.jsonl`` file: one JSON object per line with a string field ``text``.
+- a local ``.parquet`` file with a string column ``text`` (needs pyarrow), read in record batches.
+- a local folder: every ``.txt`` / ``.jsonl`` / ``.parquet`` file under it, in path order.
 - anything else: a Hugging Face ``datasets`` name, read with split "train", field "text",
   streaming (``datasets`` is imported only then, and may need the network or its cache).
 
 ``iter_texts`` yields documents lazily (a large streamed dataset is read only as far as the
-caller consumes it).
+caller consumes it); ``start`` skips documents without tokenising them (resuming a stream).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 
 from ..errors import UserError, first_line
@@ -25,7 +28,7 @@ from ..errors import UserError, first_line
 __all__ = ["EMBEDDED_DATASET", "TextError", "iter_texts"]
 
 EMBEDDED_DATASET = "pydoc-topics"
-_FILE_SUFFIXES = (".txt", ".jsonl")
+_FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 
 
@@ -61,13 +64,54 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
                 yield record["text"]
 
 
-def _file_documents(path: Path) -> Iterator[str]:
-    # Checked here, not in the generator, so that a bad path fails before any work starts.
+def _parquet_documents(path: Path) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        source = pq.ParquetFile(path)
+    except Exception as e:  # not a parquet file, truncated footer, ...
+        raise TextError(f"{path}: cannot read as .parquet ({first_line(e)})") from e
+    if "text" not in source.schema_arrow.names:
+        raise TextError(f"{path}: has no column 'text' (columns: {source.schema_arrow.names})")
+    for batch in source.iter_batches(columns=["text"], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if isinstance(text, str) and text.strip():
+                yield text
+
+
+def _check_file(path: Path) -> None:
+    # Checked before any generator runs, so that a bad path fails before any work starts.
     if not path.is_file():
         raise TextError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise TextError(f"{path}: file is empty")
-    return _nonempty(path, _txt_documents if path.suffix == ".txt" else _jsonl_documents)
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError as e:
+            raise TextError(f"{path}: reading .parquet files needs pyarrow (pip install pyarrow)") from e
+
+
+_READERS = {".txt": _txt_documents, ".jsonl": _jsonl_documents, ".parquet": _parquet_documents}
+
+
+def _file_documents(path: Path) -> Iterator[str]:
+    _check_file(path)
+    return _nonempty(path, _READERS[path.suffix])
+
+
+def _folder_documents(path: Path) -> Iterator[str]:
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _FILE_SUFFIXES)
+    if not files:
+        raise TextError(f"{path}: folder holds no .txt, .jsonl or .parquet files")
+    for file in files:
+        _check_file(file)
+
+    def documents():
+        for file in files:
+            yield from _READERS[file.suffix](file)
+
+    return _nonempty(path, lambda _: documents())
 
 
 def _nonempty(path: Path, read) -> Iterator[str]:
@@ -100,13 +144,19 @@ def _hub_documents(name: str) -> Iterator[str]:
         raise TextError(f"cannot load dataset {name!r}: {first_line(e)}") from e
 
 
-def iter_texts(dataset: str) -> Iterator[str]:
-    """The non-empty documents of ``dataset`` (see the module docstring), lazily."""
+def iter_texts(dataset: str, start: int = 0) -> Iterator[str]:
+    """The non-empty documents of ``dataset`` (see the module docstring), lazily, from document
+    ``start`` on."""
     if dataset == EMBEDDED_DATASET:
-        return _pydoc_topics()
-    path = Path(dataset)
-    if path.suffix in _FILE_SUFFIXES or path.exists():
-        if path.suffix not in _FILE_SUFFIXES:
-            raise TextError(f"{path}: unsupported text file (expected .txt or .jsonl)")
-        return _file_documents(path)
-    return _hub_documents(dataset)
+        documents = _pydoc_topics()
+    else:
+        path = Path(dataset)
+        if path.is_dir():
+            documents = _folder_documents(path)
+        elif path.suffix in _FILE_SUFFIXES or path.exists():
+            if path.suffix not in _FILE_SUFFIXES:
+                raise TextError(f"{path}: unsupported text file (expected .txt, .jsonl or .parquet)")
+            documents = _file_documents(path)
+        else:
+            documents = _hub_documents(dataset)
+    return islice(documents, start, None) if start else documents
