@@ -95,6 +95,16 @@ def test_all_nan_data_names_the_file(tmp_path, capsys):
     assert "all_nan.npy" in line and "NaN" in line
 
 
+def test_all_nan_held_out_rows_name_the_file(tmp_path, capsys):
+    path, held_out = tmp_path / "acts.npy", tmp_path / "held_out_nan.npy"
+    np.save(path, rows())
+    np.save(held_out, np.full((50, D_IN), np.inf, dtype=np.float32))
+    status, _, err = cli(flags(path, tmp_path / "run", "--eval-activations", str(held_out)), capsys)
+    assert status == 2
+    line = one_error_line(err)
+    assert "held_out_nan.npy" in line and "NaN/Inf" in line
+
+
 # ------------------------------------------------------------------ item 8: the summary lines up
 
 
