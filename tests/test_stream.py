@@ -206,3 +206,41 @@ def test_a_streamed_run_killed_between_checkpoints_resumes_to_the_same_weights(t
     for name in theirs:
         assert torch.equal(ours[name], theirs[name]), name
     assert json.loads((out / "eval.json").read_text())["steps"] == 40
+
+
+def write_parquet_stub(path):
+    path.write_bytes(b"PAR1 not really parquet PAR1")
+    return path
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing", "empty", "empty-folder", "jsonl-without-text", "parquet-without-pyarrow", "context", "buffer"],
+)
+def test_bad_streaming_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, monkeypatch, case):
+    from jumprelu_ext.train.errors import run_cli
+
+    dataset, extra = tiny[1], []
+    if case == "missing":
+        dataset, expected = tmp_path / "nope.txt", "nope.txt: no such file"
+    elif case == "empty":
+        dataset, expected = tmp_path / "empty.txt", "empty.txt: file is empty"
+        dataset.write_text("")
+    elif case == "empty-folder":
+        dataset, expected = tmp_path / "texts", "folder holds no .txt, .jsonl or .parquet files"
+        dataset.mkdir()
+    elif case == "jsonl-without-text":
+        dataset, expected = tmp_path / "docs.jsonl", "docs.jsonl: line 1 has no string field 'text'"
+        dataset.write_text(json.dumps({"body": "the dog"}) + "\n")
+    elif case == "parquet-without-pyarrow":
+        monkeypatch.setitem(sys.modules, "pyarrow", None)
+        monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+        dataset, expected = write_parquet_stub(tmp_path / "docs.parquet"), "needs pyarrow"
+    elif case == "context":
+        extra, expected = ["--context-length", "65"], "--context-length 65 exceeds"
+    else:
+        extra, expected = ["--buffer-tokens", "32"], "--buffer-tokens 32 is smaller than one batch (--batch-size 64)"
+    flags = model_flags((tiny[0], dataset), tmp_path / "run", *extra)
+    assert run_cli(train.main, flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err

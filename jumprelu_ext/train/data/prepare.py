@@ -118,7 +118,14 @@ def _from_model(cfg, device, layout) -> TrainingData:
     from .stream import StreamedBatches, heldout_windows
     from .text import iter_texts
 
-    iter_texts(cfg.dataset)  # a bad path fails before the model loads
+    if cfg.buffer_tokens < cfg.batch_size:
+        raise ActivationError(
+            f"--buffer-tokens {cfg.buffer_tokens} is smaller than one batch (--batch-size {cfg.batch_size})"
+        )
+    next(iter_texts(cfg.dataset))  # a bad path or first record fails before the model loads
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # an error after this point stays one line on stderr
     model = load_model(cfg.model, cfg.layer, device=device)
     if model.max_positions is not None and cfg.context_length > model.max_positions:
         raise HarvestError(
