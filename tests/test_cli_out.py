@@ -131,6 +131,10 @@ def test_a_run_in_out_is_refused_unless_resume_or_overwrite(activations, tmp_pat
     assert_one_line_error(cli(flags(activations, out, "--seed", "1"), capsys), "checkpoint.pt")
 
     assert_one_line_error(cli(flags(activations, out, "--resume", "--overwrite"), capsys), "--resume", "--overwrite")
+    (out / "sae_weights.safetensors").write_bytes(before["sae_weights.safetensors"])
+    (out / "checkpoint.pt").rename(tmp_path / "checkpoint.pt")  # an SAE, no checkpoint: --resume would start over
+    assert_one_line_error(cli(flags(activations, out, "--resume"), capsys), "--resume", "--overwrite")
+    (tmp_path / "checkpoint.pt").rename(out / "checkpoint.pt")
     assert cli(flags(activations, out, "--resume"), capsys)[0] == 0
     assert cli(flags(activations, out, "--seed", "1", "--overwrite"), capsys)[0] == 0
     assert json.loads((out / "cfg.json").read_text())["jumprelu_ext"]["extra"]["training_config"]["seed"] == 1

@@ -7,7 +7,8 @@
 - a folder that holds a started or finished run (``checkpoint.pt`` or
   ``sae_weights.safetensors``) is not written into unless ``--resume`` continues it or
   ``--overwrite`` replaces it (then the old run's files are removed first, so nothing of it is
-  mixed into the new one);
+  mixed into the new one); ``--resume`` on a folder with the SAE but no checkpoint is refused
+  too, since it would start over on top of the SAE;
 - temp files left by a write that a kill interrupted (``.NAME.XXXXXXXX.tmp``) are removed;
 - a folder this run created is removed again, with any parents it created, if the run fails and
   leaves it empty.
@@ -58,6 +59,11 @@ def output_folder(cfg, is_main: bool = True):
         raise OutputError(
             f"--out {out} already holds a run ({', '.join(held)}): continue it with --resume, "
             "replace it with --overwrite, or give another --out"
+        )
+    if cfg.resume and held == [SAE_WEIGHTS_FILENAME]:  # --resume would start over on a finished SAE
+        raise OutputError(
+            f"--resume: {out} holds a trained SAE but no {CHECKPOINT_NAME} to continue from: "
+            "replace it with --overwrite (instead of --resume), or give another --out"
         )
     created = _make_folder(out)
     try:
