@@ -2,7 +2,8 @@
 
 One dataclass, ``TrainConfig``, is the single source of truth: every field becomes a command-line
 flag (``--`` + field name with ``_`` replaced by ``-``) whose ``--help`` text is the field's
-``metadata["help"]`` string followed by its default. ``parse_args`` also accepts ``--config FILE``
+``metadata["help"]`` string followed by its default and, where the embedded default preset (what a
+bare call runs) sets another value, ``(bare call: VALUE)``. ``parse_args`` also accepts ``--config FILE``
 (JSON or YAML, chosen by extension): the file's values become the defaults and explicit flags
 override them. ``TrainConfig.validate`` checks values and raises ``ConfigError`` with a one-line
 message that names the offending flag. ``to_dict``/``from_dict`` serialise a config for
