@@ -118,3 +118,66 @@ def test_cache_bad_input_is_a_one_line_error(gpt2_folder, corpus_file, tmp_path,
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+class Killed(BaseException):
+    """Stands in for a kill: nothing in the cache CLI catches it."""
+
+
+def test_an_interrupted_cache_continues_after_its_last_complete_shard(gpt2_folder, corpus_file, tmp_path, monkeypatch):
+    from jumprelu_ext.train.data import cache as cache_module
+
+    reference, out = tmp_path / "reference", tmp_path / "acts"
+    flags = ("--shard-tokens", "7", "--batch-size", "2")
+    main(cache_args(gpt2_folder, corpus_file, reference, *flags))
+
+    original, written = cache_module._write_shard, []
+
+    def write_then_die(folder, index, rows):
+        if index == 4:
+            raise Killed
+        written.append(index)
+        return original(folder, index, rows)
+
+    monkeypatch.setattr(cache_module, "_write_shard", write_then_die)
+    with pytest.raises(Killed):
+        main(cache_args(gpt2_folder, corpus_file, out, *flags))
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["shards"] == 4 and not meta["complete"]
+    monkeypatch.setattr(cache_module, "_write_shard", original)
+    first_shard = (out / "shard_00000.safetensors").stat().st_mtime_ns
+    main(cache_args(gpt2_folder, corpus_file, out, *flags))
+    assert (out / "shard_00000.safetensors").stat().st_mtime_ns == first_shard  # not written again
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+    for path in reference.glob("*.safetensors"):
+        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta == json.loads((reference / "meta.json").read_text())
+    assert meta["complete"] and sum(e["rows"] for e in meta["shard_files"]) == meta["tokens"]
+    import hashlib
+
+    for entry in meta["shard_files"]:
+        data = (out / entry["name"]).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (entry["bytes"], entry["sha256"])
+    main(cache_args(gpt2_folder, corpus_file, out, *flags))  # complete: nothing to do
+
+
+def test_a_damaged_shard_is_named(gpt2_folder, corpus_file, tmp_path):
+    out = tmp_path / "acts"
+    main(cache_args(gpt2_folder, corpus_file, out, "--shard-tokens", "30"))
+    shard = out / "shard_00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-8])
+    with pytest.raises(UserError, match="shard_00001.safetensors: .* the shard is truncated or damaged"):
+        open_activations(out)
+    meta = json.loads((out / "meta.json").read_text())
+    meta["complete"] = False
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="shard_00001.safetensors: truncated or missing"):
+        main(cache_args(gpt2_folder, corpus_file, out, "--shard-tokens", "30"))
+
+
+def test_a_rerun_with_other_settings_is_refused(gpt2_folder, corpus_file, tmp_path):
+    out = tmp_path / "acts"
+    main(cache_args(gpt2_folder, corpus_file, out, "--shard-tokens", "30"))
+    with pytest.raises(UserError, match="--shard-tokens 30, this one has --shard-tokens 40"):
+        main(cache_args(gpt2_folder, corpus_file, out, "--shard-tokens", "40"))

@@ -173,6 +173,7 @@ def open_activations(path, expected_d_in: int | None = None) -> ActivationStore:
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in SUFFIXES)
         if not files:
             raise ActivationError(f"{path}: folder holds no .npy or .safetensors files")
+        _check_manifest(path, files)
     else:
         files = [path]
     shards = [_Shard(p) for p in files]
@@ -185,6 +186,23 @@ def open_activations(path, expected_d_in: int | None = None) -> ActivationStore:
     if expected_d_in is not None and first.d_in != expected_d_in:
         raise ActivationError(f"{path}: d_in is {first.d_in} but the SAE expects {expected_d_in}")
     return ActivationStore(shards)
+
+
+def _check_manifest(folder: Path, files: list[Path]) -> None:
+    """A folder written by ``python -m jumprelu_ext.cache`` lists its shards' byte sizes in
+    meta.json: a shard of another size is truncated or was replaced. (Cheap: no data is read.)"""
+    import json
+
+    try:
+        listed = json.loads((folder / "meta.json").read_text())["shard_files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no manifest (or not one of ours): nothing to check against
+    sizes = {entry["name"]: entry["bytes"] for entry in listed}
+    for f in files:
+        if f.name in sizes and f.stat().st_size != sizes[f.name]:
+            raise ActivationError(
+                f"{f}: {f.stat().st_size} bytes, but meta.json says {sizes[f.name]}: the shard is truncated or damaged"
+            )
 
 
 def split_holdout(store_or_num_rows, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,15 +5,22 @@
 
 writes ``acts/shard_00000.safetensors``, ... (tensor ``activations``, [rows, d_model]) and
 ``acts/meta.json``, each atomically, so ``open_activations("acts/")`` and
-``python -m jumprelu_ext.train --activations acts/`` read them. Shards are written as the
-harvest goes: memory holds at most one shard.
+``python -m jumprelu_ext.train --activations acts/`` read them.
+
+It streams end to end: the text is read and tokenised lazily, window by window, and each shard is
+written as soon as it is full, so memory holds at most one shard (plus one forward pass) whatever
+the number of tokens. ``meta.json`` is the manifest: the settings, and for every shard written its
+row count, byte size and SHA-256, and where in the text the next shard begins. It is rewritten
+after every shard, so the same command run again after an interruption continues after the last
+complete shard (``"complete": true`` once the text is done).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import sys
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -23,7 +30,16 @@ from transformers.utils import logging as transformers_logging
 from ...files import atomic_write_bytes
 from ..errors import UserError
 from .activations import SUFFIXES
-from .harvest import EMBEDDED_MODEL, harvest_batches, load_model, tokenize
+from .harvest import (
+    EMBEDDED_MODEL,
+    HarvestError,
+    TextPosition,
+    harvest,
+    iter_windows,
+    load_model,
+    window_spec,
+    windows_to_batch,
+)
 from .text import EMBEDDED_DATASET, iter_texts
 
 __all__ = ["main"]
@@ -54,7 +70,12 @@ def _parser() -> argparse.ArgumentParser:
         "a .jsonl file (field 'text'), or a Hugging Face datasets name (split 'train', field 'text')",
     )
     p.add_argument("--context-length", type=int, default=128, help="tokens per window, special tokens included")
-    p.add_argument("--out", required=True, type=Path, help="output folder (created; must hold no activation files yet)")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output folder (created); a folder this command was writing to is continued after its last complete shard",
+    )
     p.add_argument(
         "--max-tokens", type=int, default=None, help="stop after this many activation rows (None: the whole dataset)"
     )
@@ -69,56 +90,155 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_out(out: Path) -> None:
-    # Old shards left in the folder would be read as part of this harvest.
+MANIFEST = "meta.json"
+# Settings a continued run must share with the one that wrote the folder.
+_SAME = ("model", "layer", "dataset", "context_length", "max_tokens", "shard_tokens", "dtype", "batch_size")
+
+
+def _settings(args) -> dict:
+    return {name: getattr(args, name) for name in _SAME}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_progress(out: Path, args) -> dict | None:
+    """The manifest of a harvest into ``out`` to continue (None: start afresh); refuses a folder
+    holding other activation files, another harvest's shards, or a damaged shard."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(p.suffix in SUFFIXES for p in out.iterdir()):
-        raise UserError(f"--out {out}: already holds activation files; choose a new or empty folder")
+    manifest = out / MANIFEST
+    if not manifest.is_file():
+        # Old shards left in the folder would be read as part of this harvest.
+        if out.is_dir() and any(p.suffix in SUFFIXES for p in out.iterdir()):
+            raise UserError(f"--out {out}: already holds activation files; choose a new or empty folder")
+        return None
+    try:
+        progress = json.loads(manifest.read_text())
+        listed = progress["shard_files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--out {out}: {MANIFEST} is damaged ({type(e).__name__}); choose a new or empty folder") from e
+    for name, value in _settings(args).items():
+        if progress.get(name) != value:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(
+                f"--out {out} holds a harvest made with {flag} {progress.get(name)}, this one has {flag} {value}: "
+                "choose a new or empty folder"
+            )
+    for entry in listed:
+        path = out / entry["name"]
+        if not path.is_file() or path.stat().st_size != entry["bytes"]:
+            size = path.stat().st_size if path.is_file() else "no"
+            raise UserError(f"{path}: truncated or missing ({size} bytes, the manifest says {entry['bytes']})")
+    if listed and _sha256(out / listed[-1]["name"]) != listed[-1]["sha256"]:
+        raise UserError(f"{out / listed[-1]['name']}: corrupt (its SHA-256 differs from the manifest's)")
+    return progress
 
 
-def _write_shard(out: Path, index: int, rows: torch.Tensor) -> None:
+def _write_shard(out: Path, index: int, rows: torch.Tensor) -> dict:
     data = safetensors_bytes({"activations": rows.contiguous()})
-    atomic_write_bytes(out / f"shard_{index:05d}.safetensors", data)
+    name = f"shard_{index:05d}.safetensors"
+    atomic_write_bytes(out / name, data)
+    return {"name": name, "rows": int(rows.shape[0]), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def _forward_passes(loaded, texts, spec, max_tokens, batch_size, start: TextPosition):
+    """(TokenBatch of ``batch_size`` windows, position of its first window) from ``start`` on."""
+    windows = iter_windows(loaded.tokenizer, texts, spec, max_tokens, start)
+    position = start
+    while True:
+        group = list(islice(windows, batch_size))
+        if not group:
+            return
+        yield windows_to_batch([row for row, _ in group], spec), position
+        position = group[-1][1]
 
 
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
-    if args.shard_tokens <= 0:
-        raise UserError(f"--shard-tokens must be positive, got {args.shard_tokens}")
-    _check_out(args.out)
-    texts = iter_texts(args.dataset)  # before the model loads: a bad path fails fast
+    for flag, value in (("--shard-tokens", args.shard_tokens), ("--batch-size", args.batch_size)):
+        if value <= 0:
+            raise UserError(f"{flag} must be positive, got {value}")
+    if args.max_tokens is not None and args.max_tokens <= 0:
+        raise UserError(f"--max-tokens must be positive, got {args.max_tokens}")
+    progress = _load_progress(args.out, args)
+    if progress is not None and progress["next"] is None and not progress.get("complete"):
+        progress["complete"] = True  # stopped after its last shard, before saying it was complete
+        _write_manifest(args.out, progress)
+    if progress is not None and progress.get("complete"):
+        print(f"{args.out} already holds the complete harvest ({progress['tokens']} activations): nothing to do")
+        return
+    next(iter_texts(args.dataset))  # before the model loads: a bad path fails fast
     # Errors after this point should stay one line: no weight-loading bars on stderr.
     transformers_logging.disable_progress_bar()
     loaded = load_model(args.model, args.layer, device=args.device)
-    tokens = tokenize(loaded.tokenizer, texts, args.context_length, loaded.is_causal_lm, max_tokens=args.max_tokens)
+    if loaded.max_positions is not None and args.context_length > loaded.max_positions:
+        raise HarvestError(
+            f"--context-length {args.context_length} exceeds {args.model}'s maximum of {loaded.max_positions} positions"
+        )
+    spec = window_spec(loaded.tokenizer, args.context_length, loaded.is_causal_lm)
     dtype = DTYPES[args.dtype]
 
+    manifest = {
+        **_settings(args),
+        "hook": f"output of transformer block {args.layer} (residual stream after it)",
+        "d_model": loaded.d_model,
+        "tokens": 0,
+        "shards": 0,
+        "complete": False,
+        "shard_files": [],
+        "next": {"position": TextPosition().to_dict(), "skip_rows": 0},
+    }
+    if progress is not None:
+        manifest.update({k: progress[k] for k in ("tokens", "shards", "shard_files", "next")})
+        print(f"continuing the harvest in {args.out} after shard {manifest['shards'] - 1} ({manifest['tokens']} rows)")
+    start = TextPosition(**manifest["next"]["position"])
+    skip = manifest["next"]["skip_rows"]  # rows of the first forward pass already in the last shard
+
+    # Rows not yet written. After a shard is written the rows left over are always the tail of the
+    # forward pass just harvested, so the manifest's "next" is that pass and how many of its rows
+    # are already in shards.
     pending: list[torch.Tensor] = []
-    pending_rows = shards = total = 0
-    batches = harvest_batches(loaded, tokens, args.batch_size, device="cpu", progress=sys.stderr.isatty())
-    for rows in batches:
-        pending.append(rows.to(dtype))
+    pending_rows = 0
+    texts = iter_texts(args.dataset, start.doc)
+    for tokens, position in _forward_passes(loaded, texts, spec, args.max_tokens, args.batch_size, start):
+        rows = harvest(loaded, tokens, batch_size=args.batch_size, device="cpu").to(dtype)
+        if skip:
+            rows, skip = rows[skip:], 0
+        pending.append(rows)
         pending_rows += rows.shape[0]
         while pending_rows >= args.shard_tokens:
             block = torch.cat(pending)
-            _write_shard(args.out, shards, block[: args.shard_tokens])
-            shards, total = shards + 1, total + args.shard_tokens
+            entry = _write_shard(args.out, manifest["shards"], block[: args.shard_tokens])
             pending, pending_rows = [block[args.shard_tokens :]], pending_rows - args.shard_tokens
+            _record(
+                args.out,
+                manifest,
+                entry,
+                {"position": position.to_dict(), "skip_rows": tokens.num_tokens - pending_rows},
+            )
     if pending_rows:
-        _write_shard(args.out, shards, torch.cat(pending))
-        shards, total = shards + 1, total + pending_rows
-
-    meta = {
-        "model": args.model,
-        "layer": args.layer,
-        "hook": f"output of transformer block {args.layer} (residual stream after it)",
-        "dataset": args.dataset,
-        "context_length": args.context_length,
-        "d_model": loaded.d_model,
-        "tokens": total,
-        "dtype": args.dtype,
-        "shards": shards,
-    }
-    atomic_write_bytes(args.out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+        entry = _write_shard(args.out, manifest["shards"], torch.cat(pending))
+        _record(args.out, manifest, entry, None)
+    manifest["complete"] = True
+    _write_manifest(args.out, manifest)
+    total, shards = manifest["tokens"], manifest["shards"]
     print(f"wrote {total} activations [{total}, {loaded.d_model}] in {shards} shard(s) to {args.out}")
+
+
+def _record(out, manifest, entry, next_rows) -> None:
+    """Add a written shard to the manifest, with where the next shard's first row comes from."""
+    manifest["shard_files"].append(entry)
+    manifest["shards"] += 1
+    manifest["tokens"] += entry["rows"]
+    manifest["next"] = next_rows
+    _write_manifest(out, manifest)
