@@ -92,7 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--fresh", action="store_true", help="retrain runs already in --work-dir")
     p.add_argument("--out-prefix", default=None, help="report files' path prefix (default benchmarks/results/quality_<stamp>)")
-    p.add_argument("--report-only", action="store_true", help="train nothing: report the runs already in --work-dir")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: report every run already in --work-dir (all labels, steps and λ)")
     return p.parse_args(argv)
 
 
@@ -290,6 +291,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
     colors = {}
@@ -297,14 +299,20 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     for key in sorted({(r["label"], r["steps"]) for r in results}):
         label, steps = key
         pts = sorted((r["l0"], r["fvu"], r["dead_fraction"]) for r in results if (r["label"], r["steps"]) == key)
-        c = colors.setdefault(label, palette[len(colors) % len(palette)])
+        c = "black" if label == "saelens" else colors.setdefault(label, palette[len(colors) % len(palette)])
         style = "-o" if steps == min(r["steps"] for r in results) else "--s"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=c, label=f"{label}, {steps} steps")
         ax2.plot([p[0] for p in pts], [100 * p[2] for p in pts], style, color=c, label=f"{label}, {steps} steps")
     for l0 in L0_TARGETS:
         ax.axvline(l0, color="0.85", lw=0.8, zorder=0)
+    l0s = [r["l0"] for r in results]
+    ticks = [t for t in (5, 10, 20, 40, 80, 160, 320) if min(l0s) / 1.5 <= t <= max(l0s) * 1.5]
     for a in (ax, ax2):
         a.set_xscale("log")
+        a.set_xlim(min(min(l0s), min(L0_TARGETS)) / 1.2, max(max(l0s), max(L0_TARGETS)) * 1.2)
+        a.set_xticks(sorted(set(ticks) | set(L0_TARGETS)))
+        a.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        a.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
         a.set_xlabel("L0 (mean active features per token, held out)")
         a.grid(True, which="both", alpha=0.3)
         a.legend(fontsize=8)
@@ -326,15 +334,16 @@ def main(argv=None) -> int:
     heldout = load_rows(held)
     work = Path(args.work_dir)
     results = []
-    for steps in args.steps:
+    if args.report_only:  # every finished run in --work-dir on this training file, whatever its label
+        for info_path in sorted(work.glob(f"{train.stem}_*/bench_run.json")):
+            results.append(json.loads(info_path.read_text()))
+    for steps in [] if args.report_only else args.steps:
         for system in args.systems:
             label = args.ours_label if system == "ours" else "saelens"
             lambdas = args.lambdas_ours if system == "ours" else args.lambdas_saelens
             for lam in lambdas:
                 out = work / f"{train.stem}_{label}_s{steps}_l{lam:g}"
                 info_path = out / "bench_run.json"
-                if args.report_only and not info_path.is_file():
-                    continue
                 if info_path.is_file() and not args.fresh:
                     info = json.loads(info_path.read_text())
                 else:
