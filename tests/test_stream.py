@@ -244,3 +244,11 @@ def test_bad_streaming_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, monk
     assert run_cli(train.main, flags) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+
+
+def test_the_producer_thread_changes_nothing_but_timing(gpt2, tiny):
+    with_thread, without = stream(gpt2, tiny[1]), stream(gpt2, tiny[1], prefetch=False)
+    for _ in range(60):
+        assert torch.equal(next(with_thread), next(without))
+    assert with_thread._producer is not None  # the next fill is on its way
+    with_thread.close()

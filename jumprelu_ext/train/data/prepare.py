@@ -151,6 +151,7 @@ def _from_model(cfg, device, layout) -> TrainingData:
         max_tokens=cfg.max_tokens,
         harvest_batch_size=cfg.harvest_batch_size,
         log=tqdm.write if layout.is_main else None,
+        total_rows=cfg.steps * cfg.batch_size,  # no fill is harvested beyond the last step's
     )
     first = train.current_fill()  # harvested now: the input scale is estimated on it
     if first.whole_pass:

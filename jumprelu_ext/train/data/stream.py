@@ -30,6 +30,7 @@ its share of every global batch.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from itertools import islice
 
@@ -92,6 +93,8 @@ class StreamedBatches:
         max_tokens=None,
         harvest_batch_size: int = 32,
         log=None,
+        prefetch: bool = True,
+        total_rows: int | None = None,
     ):
         if buffer_tokens < batch_size:
             raise ActivationError(
@@ -114,6 +117,12 @@ class StreamedBatches:
         self._windows = None  # (pass, position it is at, generator): continues from fill to fill
         self._pass_rows = None  # the rows of a pass that fits in one fill
         self._counting = None  # [pass, rows so far] while a pass is read from its start
+        # The next fill is harvested on a producer thread while this one is served, unless the
+        # run needs no more rows than this one has (total_rows: steps x batch size).
+        self.prefetch, self.total_rows = prefetch, total_rows
+        self._producer = None  # (start, thread, result box)
+        self.batches = 0  # global batches served since the start of the run
+        self._fill_offset = 0
 
     # ------------------------------------------------------------------ reading the text
 
@@ -152,26 +161,45 @@ class StreamedBatches:
             count += sum(1 for t in row if t not in self.spec.special)
         return rows, start, (pass_, pos), False
 
-    def _harvest(self, tokens: TokenBatch) -> torch.Tensor:
-        """The fill's rows, each rank harvesting a contiguous share of its forward passes."""
+    def _harvest_share(self, tokens: TokenBatch) -> torch.Tensor:
+        """This rank's contiguous share of the fill's forward passes (all of them alone)."""
         passes = math.ceil(len(tokens) / self.harvest_batch_size)
         bounds = np.linspace(0, passes, self.world_size + 1).astype(int) * self.harvest_batch_size
         share = tokens.select(slice(int(bounds[self.rank]), int(bounds[self.rank + 1])))
-        if len(share):
-            rows = harvest(self.loaded, share, batch_size=self.harvest_batch_size, device=self.device)
-        else:
-            rows = torch.empty(0, self.loaded.d_model, device=self.device)
-        if self.layout is not None:
-            rows = all_gather_rows(rows, self.layout)
-        return rows
+        if not len(share):
+            return torch.empty(0, self.loaded.d_model, device=self.device)
+        return harvest(self.loaded, share, batch_size=self.harvest_batch_size, device=self.device)
 
-    def _make_fill(self) -> _Fill:
-        start = self._start
+    def _produce(self, start) -> dict:
+        """Read and harvest (this rank's share of) the fill at ``start``: the part of making a fill
+        that may run on the producer thread (no collectives, no shared state but the text reader)."""
         if start[1] == TextPosition() and self._pass_rows is not None:
-            rows, end, whole = self._pass_rows, (start[0] + 1, TextPosition()), True
+            return {"start": start, "end": (start[0] + 1, TextPosition()), "whole": True, "rows": self._pass_rows}
+        windows, start, end, whole = self._read(start)
+        tokens = windows_to_batch(windows, self.spec)
+        event = None
+        if self.device.type == "cuda":  # its own stream: the model's forward overlaps the SAE's step
+            stream = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(stream):
+                rows = self._harvest_share(tokens)
+                event = torch.cuda.Event()
+                event.record(stream)
         else:
-            windows, start, end, whole = self._read(start)
-            rows = self._harvest(windows_to_batch(windows, self.spec))
+            rows = self._harvest_share(tokens)
+        return {"start": start, "end": end, "whole": whole, "local": rows, "event": event}
+
+    def _finish(self, part: dict) -> _Fill:
+        """The main thread's part: wait for the harvest, gather the ranks' shares, bookkeeping."""
+        start, end, whole = part["start"], part["end"], part["whole"]
+        if "rows" in part:
+            rows = part["rows"]
+        else:
+            rows = part["local"]
+            if part["event"] is not None:
+                torch.cuda.current_stream(self.device).wait_event(part["event"])
+                rows.record_stream(torch.cuda.current_stream(self.device))
+            if self.layout is not None:
+                rows = all_gather_rows(rows, self.layout)
             if whole:
                 self._pass_rows = rows  # every later pass is this same fill: harvested once
         # Count a pass's rows when it has been read from its start (not after a mid-pass resume).
@@ -197,8 +225,43 @@ class StreamedBatches:
 
     def current_fill(self) -> _Fill:
         if self._fill is None:
-            self._fill = self._make_fill()
+            part = self._join_producer(self._start)
+            self._fill = self._finish(part if part is not None else self._produce(self._start))
+            self._fill_offset = self.batches * self.batch_size - self.position
+            needed = self.total_rows is None or self._fill_offset + self._fill.rows.shape[0] < self.total_rows
+            if self.prefetch and needed:
+                self._start_producer(self._fill.end)
         return self._fill
+
+    def _start_producer(self, start) -> None:
+        box: dict = {}
+
+        def work():
+            try:
+                box["part"] = self._produce(start)
+            except BaseException as e:  # handed to the main thread, raised there
+                box["error"] = e
+
+        thread = threading.Thread(target=work, name="jumprelu-ext-stream-producer", daemon=True)
+        self._producer = (start, thread, box)
+        thread.start()
+
+    def _join_producer(self, start=None):
+        """Wait for the producer; its fill if it was making the one at ``start``."""
+        if self._producer is None:
+            return None
+        made_for, thread, box = self._producer
+        thread.join()
+        self._producer = None
+        if made_for != start:
+            return None
+        if "error" in box:
+            raise box["error"]
+        return box["part"]
+
+    def close(self) -> None:
+        """Wait for a fill being harvested in the background (nothing else to release)."""
+        self._join_producer()
 
     def scale_store(self) -> TensorStore:
         """The first fill's rows, for the input-scale estimate."""
@@ -219,6 +282,7 @@ class StreamedBatches:
             self.position += take.numel()
             if self.position >= fill.rows.shape[0]:
                 self._start, self.fill_index, self.position, self._fill = fill.end, fill.index + 1, 0, None
+        self.batches += 1
         x = torch.cat(parts)
         share = -(-x.shape[0] // self.world_size)  # ceil: the last rank may get fewer rows
         x = x[self.rank * share : (self.rank + 1) * share]
@@ -248,6 +312,7 @@ class StreamedBatches:
             "position": self.position,
             "fill_rows": None if self._fill is None else int(self._fill.rows.shape[0]),
             "dropped_rows": self.dropped_rows,
+            "batches": self.batches,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -263,5 +328,7 @@ class StreamedBatches:
         self._start = (int(state["pass"]), TextPosition(**state["start"]))
         self.position = int(state["position"])
         self.dropped_rows = int(state["dropped_rows"])
+        self.batches = int(state["batches"])
         self._expect_rows = state["fill_rows"]
+        self._join_producer()  # a fill harvested for the old position is not needed
         self._fill = None
