@@ -50,19 +50,22 @@ def heldout_windows(loaded, dataset, spec, max_tokens, fraction: float, most: in
     the first ``most / fraction`` windows of the text (of all of them when the text is shorter)."""
     if fraction == 0:
         return None, frozenset()
-    pool = [
-        row
-        for row, _ in islice(
-            iter_windows(loaded.tokenizer, iter_texts(dataset), spec, max_tokens), math.ceil(most / fraction)
-        )
-    ]
-    if not pool:
+    cap = math.ceil(most / fraction)
+
+    def pool():
+        return islice(iter_windows(loaded.tokenizer, iter_texts(dataset), spec, max_tokens), cap)
+
+    # Counted first, then read again keeping only the chosen windows: memory holds those alone.
+    size = sum(1 for _ in pool())
+    if size == 0:
         raise ActivationError(f"{dataset}: the text yields no tokens")
     try:
-        _, chosen = split_holdout(len(pool), fraction, seed)
+        _, chosen = split_holdout(size, fraction, seed)
     except ActivationError as e:
         raise ActivationError(f"{dataset}: {e} (windows of the text)") from e
-    return windows_to_batch([pool[i] for i in chosen], spec), frozenset(int(i) for i in chosen)
+    keep = frozenset(int(i) for i in chosen)
+    rows = [row for i, (row, _) in enumerate(pool()) if i in keep]
+    return windows_to_batch(rows, spec), keep
 
 
 @dataclass

@@ -18,7 +18,6 @@ caller consumes it); ``start`` skips documents without tokenising them (resuming
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -29,7 +28,7 @@ __all__ = ["EMBEDDED_DATASET", "TextError", "iter_texts"]
 
 EMBEDDED_DATASET = "pydoc-topics"
 _FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
-_BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")
+_HORIZONTAL_SPACE = " \t\r\f\v"
 
 
 class TextError(UserError):
@@ -44,9 +43,18 @@ def _pydoc_topics() -> Iterator[str]:
 
 
 def _txt_documents(path: Path) -> Iterator[str]:
-    for doc in _BLANK_LINES.split(path.read_text(encoding="utf-8")):
-        if doc.strip():
-            yield doc.strip()
+    # Line by line, so a large file is never held whole: a blank line (spaces and tabs allowed)
+    # ends a document.
+    lines: list[str] = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip(_HORIZONTAL_SPACE + "\n"):
+                lines.append(line)
+            elif lines:
+                yield "".join(lines).strip()
+                lines = []
+    if lines:
+        yield "".join(lines).strip()
 
 
 def _jsonl_documents(path: Path) -> Iterator[str]:
