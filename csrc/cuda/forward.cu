@@ -67,10 +67,13 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row_end = rows < chunk_begin + rows_per_chunk ? rows : chunk_begin + rows_per_chunk;
   const int64_t row_step = blockDim.y;
 
-  // The loop bound is the same for the whole block, so that the L0 reduction can synchronise it.
+  // With L0 the loop bound is the same for the whole block, so that the L0 reduction can
+  // synchronise it; without, each thread stops after its own last row.
+  constexpr bool kWithL0 = MODE == ForwardMode::kJumpReLUL0;
+  const int64_t first = chunk_begin + (kWithL0 ? 0 : threadIdx.y);
 #pragma unroll 1
-  for (int64_t base = chunk_begin; base < row_end; base += kRowUnroll * row_step) {
-    const int64_t r0 = base + threadIdx.y;
+  for (int64_t base = first; base < row_end; base += kRowUnroll * row_step) {
+    const int64_t r0 = kWithL0 ? base + threadIdx.y : base;
     Vec<scalar_t, VEC> x[kRowUnroll];
 #pragma unroll
     for (int u = 0; u < kRowUnroll; ++u) {
@@ -82,6 +85,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int u = 0; u < kRowUnroll; ++u) {
       const int64_t r = r0 + u * row_step;
       fired[u] = 0;
+      if (!kWithL0 && r >= row_end) break;
       if (!active || r >= row_end) continue;
       Vec<scalar_t, VEC> y;
 #pragma unroll
@@ -91,13 +95,11 @@ __global__ void __launch_bounds__(kThreads)
         const acc_t on = fires ? acc_t(1) : acc_t(0);
         // The multiply keeps NaN, like pre·H.
         y.v[i] = static_cast<scalar_t>(MODE == ForwardMode::kStep ? on : xi * on);
-        fired[u] += fires;
+        if constexpr (kWithL0) fired[u] += fires;
       }
       store_vec<VEC, VECTOR_IO>(out + r * features + col, y);
     }
-    if constexpr (MODE == ForwardMode::kJumpReLUL0) {
-      add_block_counts(fired, r0, row_step, row_end, l0_count);
-    }
+    if constexpr (kWithL0) add_block_counts(fired, r0, row_step, row_end, l0_count);
   }
 }
 
