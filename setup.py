@@ -58,7 +58,11 @@ def extension():
     if not build_cuda():
         # py_limited_api: _C only creates an empty module, so one build serves every CPython >= 3.10.
         return CppExtension(
-            "jumprelu_ext._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"], py_limited_api=True
+            "jumprelu_ext._C",
+            sources,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+            py_limited_api=True,
         )
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         # Without a visible GPU torch cannot pick architectures itself.

@@ -127,8 +127,16 @@ def main() -> int:
                 record.update(env)
                 records.append(record)
                 print(harness.table_lines(COLUMNS, [record], header=False)[0])
-    harness.publish(records, COLUMNS, env, name=f"{device.type}_train", title=f"Training step, {env['device_name']}",
-                    out_dir=args.out, markdown=args.markdown, section=f"train:{device.type}")  # fmt: skip
+    harness.publish(
+        records,
+        COLUMNS,
+        env,
+        name=f"{device.type}_train",
+        title=f"Training step, {env['device_name']}",
+        out_dir=args.out,
+        markdown=args.markdown,
+        section=f"train:{device.type}",
+    )
     return 0
 
 

@@ -158,14 +158,16 @@ def table_lines(columns: list[Column], records: list[dict[str, object]], header:
 def report(title: str, env: dict[str, object], columns: list[Column], records: list[dict[str, object]]) -> str:
     """A markdown section: heading, environment, the command that made it, the table."""
     script = Path(sys.argv[0]).name
-    return "\n".join([
-        f"### {title}",
-        "",
-        f"- torch {env['torch_version']}, {env['threads']} threads ({env['cpus']} CPUs), {env['date']}, git {env['git']}",
-        f"- command: `python benchmarks/{script} {' '.join(sys.argv[1:])}`",
-        "",
-        *table_lines(columns, records),
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"### {title}",
+            "",
+            f"- torch {env['torch_version']}, {env['threads']} threads ({env['cpus']} CPUs), {env['date']}, git {env['git']}",
+            f"- command: `python benchmarks/{script} {' '.join(sys.argv[1:])}`",
+            "",
+            *table_lines(columns, records),
+        ]
+    )
 
 
 def publish(records, columns, env, *, name: str, title: str, out_dir: Path, markdown: Path | None, section: str):

@@ -9,7 +9,6 @@ from torch import nn
 
 from .ops import jumprelu_l0
 
-
 SPARSITY_LOSSES = ("step", "tanh")
 
 # The initial decoder is drawn in fixed blocks of rows, each from its own generator, so a range
