@@ -247,8 +247,12 @@ def test_bad_streaming_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, monk
 
 
 def test_the_producer_thread_changes_nothing_but_timing(gpt2, tiny):
+    tokens = tokenize(gpt2.tokenizer, iter_texts(str(tiny[1])), 16, gpt2.is_causal_lm)
+    reference = harvest(gpt2, tokens)
     with_thread, without = stream(gpt2, tiny[1]), stream(gpt2, tiny[1], prefetch=False)
-    for _ in range(60):
+    for i in range(60):
         assert torch.equal(next(with_thread), next(without))
+        if i % 10 == 0:  # the main thread uses the model while the producer harvests with it
+            assert torch.equal(harvest(gpt2, tokens), reference)
     assert with_thread._producer is not None  # the next fill is on its way
     with_thread.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -366,9 +367,13 @@ def model_batches(loaded: LoadedModel, tokens: TokenBatch, batch_size: int) -> I
 @contextlib.contextmanager
 def splice(loaded: LoadedModel, replace_fn):
     """While active, block ``loaded.layer``'s output hidden state h [batch, seq, d_model] becomes
-    ``replace_fn(h)`` (or stays h when that returns None)."""
+    ``replace_fn(h)`` (or stays h when that returns None), in forward passes of this thread only:
+    the stream's producer thread harvests with the same model while the main thread uses it."""
+    owner = threading.get_ident()
 
     def hook(module, args, output):
+        if threading.get_ident() != owner:
+            return None
         hidden = output[0] if isinstance(output, tuple) else output
         new = replace_fn(hidden)
         if new is None:

@@ -125,7 +125,7 @@ class StreamedBatches:
         self.prefetch, self.total_rows = prefetch, total_rows
         self._producer = None  # (start, thread, result box)
         self.batches = 0  # global batches served since the start of the run
-        self._fill_offset = 0
+        self._served = 0  # stream positions served (rows, before the non-finite ones are dropped)
 
     # ------------------------------------------------------------------ reading the text
 
@@ -230,8 +230,8 @@ class StreamedBatches:
         if self._fill is None:
             part = self._join_producer(self._start)
             self._fill = self._finish(part if part is not None else self._produce(self._start))
-            self._fill_offset = self.batches * self.batch_size - self.position
-            needed = self.total_rows is None or self._fill_offset + self._fill.rows.shape[0] < self.total_rows
+            offset = self._served - self.position  # stream position of the fill's first row
+            needed = self.total_rows is None or offset + self._fill.rows.shape[0] < self.total_rows
             if self.prefetch and needed:
                 self._start_producer(self._fill.end)
         return self._fill
@@ -283,6 +283,7 @@ class StreamedBatches:
             parts.append(fill.rows[take])
             need -= take.numel()
             self.position += take.numel()
+            self._served += take.numel()
             if self.position >= fill.rows.shape[0]:
                 self._start, self.fill_index, self.position, self._fill = fill.end, fill.index + 1, 0, None
         self.batches += 1
@@ -332,6 +333,7 @@ class StreamedBatches:
         self.position = int(state["position"])
         self.dropped_rows = int(state["dropped_rows"])
         self.batches = int(state["batches"])
+        self._served = self.batches * self.batch_size
         self._expect_rows = state["fill_rows"]
         self._join_producer()  # a fill harvested for the old position is not needed
         self._fill = None
