@@ -62,6 +62,7 @@ class JumpReLUSAE(nn.Module):
     depend on torch's global seed; ``first_feature`` makes this module features
     first_feature … first_feature+d_sae−1 of a wider SAE drawn from the same seed (sharding).
     ``ste_to_input=True`` lets the straight-through term reach pre (and so the encoder) as well.
+    ``encoder_init_scale`` multiplies the initial encoder (W_enc = scale · W_decᵀ).
     """
 
     def __init__(
@@ -75,12 +76,14 @@ class JumpReLUSAE(nn.Module):
         dtype=None,
         first_feature=0,
         ste_to_input=False,
+        encoder_init_scale=1.0,
     ):
         super().__init__()
         _check_positive_int("d_in", d_in)
         _check_positive_int("d_sae", d_sae)
         _check_positive_float("bandwidth", bandwidth)
         _check_positive_float("init_threshold", init_threshold)
+        _check_positive_float("encoder_init_scale", encoder_init_scale)
         if threshold_param not in ("log", "raw"):
             raise ValueError(f"JumpReLUSAE: threshold_param must be 'log' or 'raw', got {threshold_param!r}")
         self.d_in, self.d_sae = d_in, d_sae
@@ -92,7 +95,9 @@ class JumpReLUSAE(nn.Module):
         self.ste_to_input = ste_to_input
         dtype = dtype if dtype is not None else torch.get_default_dtype()
 
-        # Decoder rows are random unit vectors and the encoder starts as their transpose.
+        # Decoder rows are random unit vectors and the encoder starts as their transpose, times
+        # encoder_init_scale (the paper: 1; the trainer's default recipe: 0.1, which starts the SAE
+        # near a sensible reconstruction instead of ~15x too large; docs/method.md#ablations).
         # Drawn and normalised in fp32 so that low-precision weights start as close to unit as they can.
         seed = int(torch.randint(0, 2**31, ()).item())
         if torch.device(device or "cpu").type == "meta":  # a shell whose weights will be assigned
@@ -100,7 +105,7 @@ class JumpReLUSAE(nn.Module):
         else:
             w_dec = initial_decoder_rows(seed, first_feature, d_sae, d_in).to(device)
         self.W_dec = nn.Parameter(w_dec.to(dtype))
-        self.W_enc = nn.Parameter(w_dec.t().contiguous().to(dtype))
+        self.W_enc = nn.Parameter((w_dec.t() * encoder_init_scale).contiguous().to(dtype))
         self.b_enc = nn.Parameter(torch.zeros(d_sae, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
 

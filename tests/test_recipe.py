@@ -154,3 +154,16 @@ def test_no_clipping_matches_the_unclipped_recipe_and_clipping_changes_the_run(a
 def test_config_names_the_new_flags():
     for flag in ("--max-grad-norm", "--target-l0", "--recipe", "--eval-activations", "--ste-to-input"):
         assert flag[2:].replace("-", "_") in TrainConfig.__dataclass_fields__
+
+
+def test_the_encoder_starts_as_a_scaled_decoder_transpose():
+    torch.manual_seed(3)
+    paper = JumpReLUSAE(D_IN, 32)
+    torch.manual_seed(3)
+    scaled = JumpReLUSAE(D_IN, 32, encoder_init_scale=0.1)
+    torch.testing.assert_close(paper.W_enc, paper.W_dec.t())
+    torch.testing.assert_close(scaled.W_dec, paper.W_dec)
+    torch.testing.assert_close(scaled.W_enc, 0.1 * paper.W_dec.t())
+    assert parse_args(["--activations", "a.npy"]).encoder_init_scale == 0.1
+    with pytest.raises(ValueError, match="encoder_init_scale"):
+        JumpReLUSAE(D_IN, 32, encoder_init_scale=0.0)

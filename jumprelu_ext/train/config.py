@@ -70,6 +70,7 @@ PAPER_RECIPE: dict[str, Any] = {
     "threshold_param": "log",
     "threshold_lr": None,
     "max_grad_norm": 0.0,
+    "encoder_init_scale": 1.0,
 }
 
 # What runs when no data source is given (`python -m jumprelu_ext.train`, `make train`): a real
@@ -161,6 +162,9 @@ class TrainConfig:
         None,
         "aim for this mean L0 (active features per token): lambda is adapted every step instead of fixed "
         "(docs/trainer.md#reaching-a-target-l0)",
+    )
+    encoder_init_scale: float = _f(
+        0.1, "initial encoder W_enc = this * W_dec^T (the paper: 1; 0.1 measured better, docs/method.md#ablations)"
     )
     max_grad_norm: float = _f(
         1.0, "clip the global gradient norm (every parameter, theta included) to this before each step; 0 = off"
@@ -273,7 +277,7 @@ class TrainConfig:
             raise ConfigError(f"--l0-coefficient must be >= 0, got {self.l0_coefficient}")
         if not (math.isfinite(self.pre_act_loss_coefficient) and self.pre_act_loss_coefficient >= 0):
             raise ConfigError(f"--pre-act-loss-coefficient must be >= 0, got {self.pre_act_loss_coefficient}")
-        for name in ("bandwidth", "init_threshold", "tanh_scale"):
+        for name in ("bandwidth", "init_threshold", "tanh_scale", "encoder_init_scale"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ConfigError(f"{fl(name)} must be a positive number, got {v}")

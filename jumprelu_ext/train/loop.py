@@ -99,6 +99,7 @@ def train(cfg, layout, device) -> int:
         init_threshold=cfg.init_threshold,
         threshold_param=cfg.threshold_param,
         ste_to_input=cfg.ste_to_input,
+        encoder_init_scale=cfg.encoder_init_scale,
     )
     optimizer, scheduler = build_optimizer(sae, cfg)
     coefficient = sparsity_coefficient(cfg)  # λ: warmed up to a fixed value, or steered to --target-l0
