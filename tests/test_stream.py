@@ -89,6 +89,7 @@ def test_each_pass_serves_every_training_row_once_and_no_held_out_row(gpt2, tiny
     assert any("pass 2" in m for m in messages) and any("pass 3" in m for m in messages)
     second_pass = served[expected.shape[0] : 2 * expected.shape[0]]
     assert not torch.equal(first_pass, second_pass)  # reshuffled
+    batches.close()
 
 
 def test_state_dict_resumes_the_stream_exactly(gpt2, tiny):
@@ -103,6 +104,9 @@ def test_state_dict_resumes_the_stream_exactly(gpt2, tiny):
         resumed.load_state_dict(torch.load(_save(state), weights_only=True))
         for j in range(k, 40):
             assert torch.equal(next(resumed), batches[j]), (k, j)
+        first.close()
+        resumed.close()
+    reference.close()
 
 
 def _save(state):
@@ -114,20 +118,18 @@ def _save(state):
     return buffer
 
 
-def test_a_text_that_fits_in_one_fill_is_harvested_once(gpt2, tiny, monkeypatch):
-    from jumprelu_ext.train.data import stream as stream_module
-
-    calls = {"n": 0}
-    original = stream_module.harvest
-
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(stream_module, "harvest", counting)
+def test_a_text_that_fits_in_one_fill_is_harvested_once(gpt2, tiny):
     batches = stream(gpt2, tiny[1], buffer_tokens=10**6)
+    calls, original = {"n": 0}, batches._harvest_share
+
+    def counting(tokens):
+        calls["n"] += 1
+        return original(tokens)
+
+    batches._harvest_share = counting
     for _ in range(100):
         next(batches)
+    batches.close()
     assert calls["n"] == 1 and batches.fill_index >= 2
 
 
