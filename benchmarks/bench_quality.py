@@ -66,21 +66,42 @@ DEFAULT_LAMBDAS = {"ours": [0.0004, 0.0008, 0.0016, 0.0032], "saelens": [0.0004,
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--activations", help="training activations (.npy/.safetensors file or folder); default: the embedded model and text")
-    p.add_argument("--heldout", help="held-out activations for the evaluation (default: 512-row runs split off --activations)")
-    p.add_argument("--cache-dir", default=str(REPO / ".bench-cache" / "quality"), help="where harvested/split activations are cached")
-    p.add_argument("--work-dir", default=str(REPO / ".bench-cache" / "quality" / "runs"), help="where each run's SAE folder is kept")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--activations",
+        help="training activations (.npy/.safetensors file or folder); default: the embedded model and text",
+    )
+    p.add_argument(
+        "--heldout", help="held-out activations for the evaluation (default: 512-row runs split off --activations)"
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=str(REPO / ".bench-cache" / "quality"),
+        help="where harvested/split activations are cached",
+    )
+    p.add_argument(
+        "--work-dir",
+        default=str(REPO / ".bench-cache" / "quality" / "runs"),
+        help="where each run's SAE folder is kept",
+    )
     p.add_argument("--systems", nargs="+", default=["ours", "saelens"], choices=["ours", "saelens"])
     p.add_argument("--steps", nargs="+", type=int, default=[1000], help="training lengths to sweep (e.g. 1000 3000)")
     p.add_argument("--lambdas-ours", nargs="+", type=float, default=DEFAULT_LAMBDAS["ours"])
     p.add_argument("--lambdas-saelens", nargs="+", type=float, default=DEFAULT_LAMBDAS["saelens"])
     p.add_argument("--ours-args", default="", help="extra flags for our trainer, one string (e.g. '--max-grad-norm 1')")
-    p.add_argument("--ours-label", default="ours", help="name of our configuration in the report (runs are cached per label)")
+    p.add_argument(
+        "--ours-label", default="ours", help="name of our configuration in the report (runs are cached per label)"
+    )
     p.add_argument("--ours-python", default=sys.executable, help="interpreter that runs python -m jumprelu_ext.train")
     p.add_argument("--ours-root", default=str(REPO), help="checkout whose jumprelu_ext is trained (put on PYTHONPATH)")
-    p.add_argument("--eval-fraction", type=float, default=0.01,
-                   help="our trainer's own --eval-fraction (rows of the training file it keeps back; SAELens skips the same rows)")
+    p.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.01,
+        help="our trainer's own --eval-fraction (rows of the training file it keeps back; SAELens skips the same rows)",
+    )
     p.add_argument("--d-sae", type=int, default=3072)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -91,9 +112,14 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="torch device for both trainers and the evaluation")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--fresh", action="store_true", help="retrain runs already in --work-dir")
-    p.add_argument("--out-prefix", default=None, help="report files' path prefix (default benchmarks/results/quality_<stamp>)")
-    p.add_argument("--report-only", action="store_true",
-                   help="train nothing: report every run already in --work-dir (all labels, steps and λ)")
+    p.add_argument(
+        "--out-prefix", default=None, help="report files' path prefix (default benchmarks/results/quality_<stamp>)"
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: report every run already in --work-dir (all labels, steps and λ)",
+    )
     return p.parse_args(argv)
 
 
@@ -103,7 +129,11 @@ def parse_args(argv=None):
 def load_rows(path) -> np.ndarray:
     """All rows of a .npy/.safetensors file or a folder of them, as float32 [N, d_in]."""
     path = Path(path)
-    files = sorted(glob.glob(str(path / "*.npy")) + glob.glob(str(path / "*.safetensors"))) if path.is_dir() else [str(path)]
+    files = (
+        sorted(glob.glob(str(path / "*.npy")) + glob.glob(str(path / "*.safetensors")))
+        if path.is_dir()
+        else [str(path)]
+    )
     parts = []
     for f in files:
         if f.endswith(".npy"):
@@ -112,7 +142,11 @@ def load_rows(path) -> np.ndarray:
             from safetensors.numpy import load_file
 
             tensors = load_file(f)
-            parts.append((tensors["activations"] if "activations" in tensors else next(iter(tensors.values()))).astype(np.float32))
+            parts.append(
+                (tensors["activations"] if "activations" in tensors else next(iter(tensors.values()))).astype(
+                    np.float32
+                )
+            )
     return np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
 
 
@@ -141,8 +175,12 @@ def prepare_data(args) -> tuple[Path, Path, str]:
         desc = "all-MiniLM-L6-v2 block 3 output over pydoc_data.topics (embedded default)"
         if not (src / "meta.json").is_file():
             print(f"harvesting the embedded default activations into {src} (once)", flush=True)
-            subprocess.run([args.ours_python, "-m", "jumprelu_ext.cache", "--out", str(src), "--device", "cpu"],
-                           check=True, env=ours_env(args), cwd=args.ours_root)  # fmt: skip
+            subprocess.run(
+                [args.ours_python, "-m", "jumprelu_ext.cache", "--out", str(src), "--device", "cpu"],
+                check=True,
+                env=ours_env(args),
+                cwd=args.ours_root,
+            )
     train, held = cache / f"{tag}_train.npy", cache / f"{tag}_heldout.npy"
     if not (train.is_file() and held.is_file()):
         tr, he = split_runs(load_rows(src), args.seed)
@@ -173,23 +211,52 @@ def our_data_order():
 
 
 def schedule(args, steps: int) -> dict:
-    return {"d_sae": args.d_sae, "batch_size": args.batch_size, "steps": steps, "lr": args.lr,
-            "lr_warmup_steps": args.lr_warmup_steps, "sparsity_warmup_steps": steps // 4,
-            "bandwidth": args.bandwidth, "init_threshold": args.init_threshold, "seed": args.seed}  # fmt: skip
+    return {
+        "d_sae": args.d_sae,
+        "batch_size": args.batch_size,
+        "steps": steps,
+        "lr": args.lr,
+        "lr_warmup_steps": args.lr_warmup_steps,
+        "sparsity_warmup_steps": steps // 4,
+        "bandwidth": args.bandwidth,
+        "init_threshold": args.init_threshold,
+        "seed": args.seed,
+    }
 
 
 def run_ours(args, train: Path, steps: int, lam: float, out: Path) -> dict:
     s = schedule(args, steps)
-    cmd = [args.ours_python, "-m", "jumprelu_ext.train", "--activations", str(train), "--threshold-param", "raw",
-           "--l0-coefficient", repr(lam), "--eval-fraction", repr(args.eval_fraction), "--checkpoint-every", "0",
-           "--log-every", "50", "--device", args.device, "--out", str(out)]  # fmt: skip
+    cmd = [
+        args.ours_python,
+        "-m",
+        "jumprelu_ext.train",
+        "--activations",
+        str(train),
+        "--threshold-param",
+        "raw",
+        "--l0-coefficient",
+        repr(lam),
+        "--eval-fraction",
+        repr(args.eval_fraction),
+        "--checkpoint-every",
+        "0",
+        "--log-every",
+        "50",
+        "--device",
+        args.device,
+        "--out",
+        str(out),
+        "--overwrite",
+    ]
     for k, v in s.items():
         cmd += ["--" + k.replace("_", "-"), str(v)]
     cmd += shlex.split(args.ours_args)
     print("  $", " ".join(shlex.quote(c) for c in cmd), flush=True)
     t0 = time.perf_counter()
     # cwd: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH.
-    proc = subprocess.run(cmd, env=ours_env(args), cwd=args.ours_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(
+        cmd, env=ours_env(args), cwd=args.ours_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     wall = time.perf_counter() - t0
     (out / "bench_stdout.txt").write_text(proc.stdout) if out.is_dir() else None
     if proc.returncode:
@@ -225,16 +292,29 @@ def run_saelens(args, train: Path, steps: int, lam: float, out: Path) -> dict:
 
     torch.manual_seed(args.seed)
     cfg = JumpReLUTrainingSAEConfig(
-        d_in=store.d_in, d_sae=s["d_sae"], dtype="float32", device=args.device, normalize_activations="none",
-        jumprelu_init_threshold=s["init_threshold"], jumprelu_bandwidth=s["bandwidth"], l0_coefficient=lam,
+        d_in=store.d_in,
+        d_sae=s["d_sae"],
+        dtype="float32",
+        device=args.device,
+        normalize_activations="none",
+        jumprelu_init_threshold=s["init_threshold"],
+        jumprelu_bandwidth=s["bandwidth"],
+        l0_coefficient=lam,
         l0_warm_up_steps=s["sparsity_warmup_steps"],
-    )  # fmt: skip
+    )
     sae = JumpReLUTrainingSAE(cfg)
     trainer_cfg = SAETrainerConfig(
-        total_training_samples=steps * args.batch_size, train_batch_size_samples=args.batch_size, lr=args.lr, lr_end=args.lr,
-        lr_warm_up_steps=s["lr_warmup_steps"], adam_beta1=0.0, adam_beta2=0.999, device=args.device,
-        dead_feature_window=steps, feature_sampling_window=steps + 1,
-    )  # fmt: skip
+        total_training_samples=steps * args.batch_size,
+        train_batch_size_samples=args.batch_size,
+        lr=args.lr,
+        lr_end=args.lr,
+        lr_warm_up_steps=s["lr_warmup_steps"],
+        adam_beta1=0.0,
+        adam_beta2=0.999,
+        device=args.device,
+        dead_feature_window=steps,
+        feature_sampling_window=steps + 1,
+    )
     trainer = SAETrainer(trainer_cfg, sae, provider())
     t0 = time.perf_counter()
     trainer.fit()
@@ -267,8 +347,12 @@ def evaluate_folder(folder: Path, heldout: np.ndarray, batch: int = 2048) -> dic
         active = acts != 0
         l0 += active.sum().item()
         fired |= active.any(0)
-    return {"fvu": err / var, "l0": l0 / x_all.shape[0], "dead_fraction": 1.0 - fired.double().mean().item(),
-            "heldout_rows": int(x_all.shape[0])}  # fmt: skip
+    return {
+        "fvu": err / var,
+        "l0": l0 / x_all.shape[0],
+        "dead_fraction": 1.0 - fired.double().mean().item(),
+        "heldout_rows": int(x_all.shape[0]),
+    }
 
 
 def interpolate(points: list[tuple[float, float]], l0: float) -> float | None:
@@ -350,12 +434,21 @@ def main(argv=None) -> int:
                     print(f"[{_dt.datetime.now():%H:%M:%S}] {label}: {steps} steps, λ {lam:g}", flush=True)
                     out.mkdir(parents=True, exist_ok=True)
                     timing = (run_ours if system == "ours" else run_saelens)(args, train, steps, lam, out)
-                    info = {"system": system, "label": label, "steps": steps, "lambda": lam, **timing,
-                            "ours_args": args.ours_args if system == "ours" else None}  # fmt: skip
+                    info = {
+                        "system": system,
+                        "label": label,
+                        "steps": steps,
+                        "lambda": lam,
+                        **timing,
+                        "ours_args": args.ours_args if system == "ours" else None,
+                    }
                     info.update(evaluate_folder(out, heldout))
                     info_path.write_text(json.dumps(info, indent=2) + "\n")
-                print(f"  {label:10s} steps {steps:5d} λ {lam:<8g} L0 {info['l0']:7.2f}  FVU {info['fvu']:.4f}  "
-                      f"dead {100 * info['dead_fraction']:5.1f}%  {info['train_tokens_per_s']:8.0f} tok/s", flush=True)  # fmt: skip
+                print(
+                    f"  {label:10s} steps {steps:5d} λ {lam:<8g} L0 {info['l0']:7.2f}  FVU {info['fvu']:.4f}  "
+                    f"dead {100 * info['dead_fraction']:5.1f}%  {info['train_tokens_per_s']:8.0f} tok/s",
+                    flush=True,
+                )
                 results.append(info)
     if not results:
         print("no runs to report")
@@ -364,38 +457,62 @@ def main(argv=None) -> int:
     import sae_lens
 
     stamp = _dt.datetime.now(_dt.timezone.utc)
-    env = {"device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads)",
-           "torch": torch.__version__, "sae_lens": sae_lens.__version__, "date": stamp.strftime("%Y-%m-%d %H:%M UTC"),
-           "data": data_desc, "train_rows": int(np.load(train, mmap_mode="r").shape[0]) if str(train).endswith(".npy") else None,
-           "heldout_rows": int(heldout.shape[0])}  # fmt: skip
+    env = {
+        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads)",
+        "torch": torch.__version__,
+        "sae_lens": sae_lens.__version__,
+        "date": stamp.strftime("%Y-%m-%d %H:%M UTC"),
+        "data": data_desc,
+        "train_rows": int(np.load(train, mmap_mode="r").shape[0]) if str(train).endswith(".npy") else None,
+        "heldout_rows": int(heldout.shape[0]),
+    }
     summary = []
     for key in sorted({(r["label"], r["steps"]) for r in results}):
         rs = [r for r in results if (r["label"], r["steps"]) == key]
-        summary.append({
-            "label": key[0], "steps": key[1],
-            "fvu_at": {str(t): interpolate([(r["l0"], r["fvu"]) for r in rs], t) for t in L0_TARGETS},
-            "dead_at": {str(t): interpolate([(r["l0"], r["dead_fraction"]) for r in rs], t) for t in L0_TARGETS},
-            "train_tokens_per_s": float(np.median([r["train_tokens_per_s"] for r in rs])),
-        })  # fmt: skip
+        summary.append(
+            {
+                "label": key[0],
+                "steps": key[1],
+                "fvu_at": {str(t): interpolate([(r["l0"], r["fvu"]) for r in rs], t) for t in L0_TARGETS},
+                "dead_at": {str(t): interpolate([(r["l0"], r["dead_fraction"]) for r in rs], t) for t in L0_TARGETS},
+                "train_tokens_per_s": float(np.median([r["train_tokens_per_s"] for r in rs])),
+            }
+        )
     prefix = Path(args.out_prefix) if args.out_prefix else RESULTS / f"quality_{stamp:%Y%m%d-%H%M%S}"
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{prefix}.json").write_text(json.dumps({"env": env, "settings": vars(args), "runs": results, "summary": summary}, indent=2) + "\n")
-    md = [f"{env['device']}, torch {env['torch']}, sae-lens {env['sae_lens']}, {env['date']}; data: {env['data']}, "
-          f"{env['train_rows']} training rows, {env['heldout_rows']} held-out rows.", "",
-          "| system | steps | λ | L0 | FVU | dead % | train tok/s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    Path(f"{prefix}.json").write_text(
+        json.dumps({"env": env, "settings": vars(args), "runs": results, "summary": summary}, indent=2) + "\n"
+    )
+    md = [
+        f"{env['device']}, torch {env['torch']}, sae-lens {env['sae_lens']}, {env['date']}; data: {env['data']}, "
+        f"{env['train_rows']} training rows, {env['heldout_rows']} held-out rows.",
+        "",
+        "| system | steps | λ | L0 | FVU | dead % | train tok/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(results, key=lambda r: (r["steps"], r["label"], r["lambda"])):
-        md.append(f"| {r['label']} | {r['steps']} | {r['lambda']:g} | {r['l0']:.1f} | {r['fvu']:.4f} | "
-                  f"{100 * r['dead_fraction']:.1f} | {r['train_tokens_per_s']:,.0f} |")  # fmt: skip
-    md += ["", "| system | steps | FVU @ L0 20 | FVU @ L0 40 | FVU @ L0 80 | dead % @ 20 / 40 / 80 | median train tok/s |",
-           "|---|---|---|---|---|---|---|"]  # fmt: skip
+        md.append(
+            f"| {r['label']} | {r['steps']} | {r['lambda']:g} | {r['l0']:.1f} | {r['fvu']:.4f} | "
+            f"{100 * r['dead_fraction']:.1f} | {r['train_tokens_per_s']:,.0f} |"
+        )
+    md += [
+        "",
+        "| system | steps | FVU @ L0 20 | FVU @ L0 40 | FVU @ L0 80 | dead % @ 20 / 40 / 80 | median train tok/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
 
     def fmt(v, scale=1.0, digits=4):
         return "–" if v is None else f"{scale * v:.{digits}f}"
 
     for srow in summary:
         f, d = srow["fvu_at"], srow["dead_at"]
-        md.append(f"| {srow['label']} | {srow['steps']} | " + " | ".join(fmt(f[str(t)]) for t in L0_TARGETS)
-                  + " | " + " / ".join(fmt(d[str(t)], 100, 1) for t in L0_TARGETS) + f" | {srow['train_tokens_per_s']:,.0f} |")  # fmt: skip
+        md.append(
+            f"| {srow['label']} | {srow['steps']} | "
+            + " | ".join(fmt(f[str(t)]) for t in L0_TARGETS)
+            + " | "
+            + " / ".join(fmt(d[str(t)], 100, 1) for t in L0_TARGETS)
+            + f" | {srow['train_tokens_per_s']:,.0f} |"
+        )
     ratio_lines = []
     for steps in sorted({s["steps"] for s in summary}):
         by = {s["label"]: s for s in summary if s["steps"] == steps}
@@ -403,15 +520,25 @@ def main(argv=None) -> int:
             for label, s in by.items():
                 if label == "saelens":
                     continue
-                ratios = [None if s["fvu_at"][str(t)] is None or by["saelens"]["fvu_at"][str(t)] is None
-                          else s["fvu_at"][str(t)] / by["saelens"]["fvu_at"][str(t)] for t in L0_TARGETS]  # fmt: skip
-                ratio_lines.append(f"- {steps} steps, {label}/SAELens: FVU ratio at L0 20/40/80 = "
-                                   + " / ".join(fmt(v, 1, 3) for v in ratios)
-                                   + f"; training tokens/s ratio {s['train_tokens_per_s'] / by['saelens']['train_tokens_per_s']:.2f}×")  # fmt: skip
+                ratios = [
+                    None
+                    if s["fvu_at"][str(t)] is None or by["saelens"]["fvu_at"][str(t)] is None
+                    else s["fvu_at"][str(t)] / by["saelens"]["fvu_at"][str(t)]
+                    for t in L0_TARGETS
+                ]
+                ratio_lines.append(
+                    f"- {steps} steps, {label}/SAELens: FVU ratio at L0 20/40/80 = "
+                    + " / ".join(fmt(v, 1, 3) for v in ratios)
+                    + f"; training tokens/s ratio {s['train_tokens_per_s'] / by['saelens']['train_tokens_per_s']:.2f}×"
+                )
     md += [""] + ratio_lines
     Path(f"{prefix}.md").write_text("\n".join(md) + "\n")
-    plot(results, Path(f"{prefix}.png"), f"{env['data']}; d_sae {args.d_sae}, batch {args.batch_size}; {env['device']}; "
-         f"torch {env['torch']}, sae-lens {env['sae_lens']}")  # fmt: skip
+    plot(
+        results,
+        Path(f"{prefix}.png"),
+        f"{env['data']}; d_sae {args.d_sae}, batch {args.batch_size}; {env['device']}; "
+        f"torch {env['torch']}, sae-lens {env['sae_lens']}",
+    )
     print("\n".join(md))
     print(f"\nwrote {prefix}.json, {prefix}.md, {prefix}.png")
     return 0
