@@ -40,7 +40,7 @@ def clip_grad_norm_(sae, max_norm: float, layout) -> float:
 
     Why: the first steps' gradients are two orders of magnitude larger than later ones; without
     clipping they inflate Adam's second moment for about 1/(1 − β2) steps and the effective step
-    collapses (docs/method.md#gradient-clipping)."""
+    collapses (docs/method.md#encoder-initialisation-and-gradient-clipping)."""
     grads = [(name, p.grad) for name, p in sae.named_parameters() if p.grad is not None]
     if not grads:
         return 0.0
