@@ -11,19 +11,17 @@ import tempfile
 
 import numpy as np
 import pytest
+from test_train import small_run_flags
 
 from jumprelu_ext.train import loop
 from jumprelu_ext.train.errors import run_cli
 
 D_IN = 16
-SMALL_RUN = (
-    "--d-sae 32 --batch-size 64 --steps 4 --lr 1e-3 --lr-warmup-steps 2 --sparsity-warmup-steps 2 "
-    "--threshold-lr 1e-2 --init-threshold 0.05 --bandwidth 0.05 --log-every 2 --device cpu"
-).split()
 
 
 def flags(activations, out, *extra):
-    return ["--activations", str(activations), "--out", str(out), *SMALL_RUN, *extra]
+    """test_train's small run, shortened to 4 steps."""
+    return small_run_flags(activations, out, "--steps", "4", "--sparsity-warmup-steps", "2", *extra)
 
 
 @pytest.fixture
