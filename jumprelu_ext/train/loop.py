@@ -214,27 +214,28 @@ def train(cfg, layout, device) -> int:
     # Data-parallel ranks hold identical SAEs: rank 0 evaluates. Sharded ranks evaluate together.
     if not (layout.is_main or layout.sharded):
         return 0
-    if data.eval_indices.size == 0:
+    evaluated = data.eval_indices.size > 0
+    if evaluated:
+        results = evaluate(sae, data.eval_batches(cfg.batch_size), data.input_scale)
+        firing_rates = sharding.gather_features(results.pop("firing_rates"), layout, device)
+        if data.model is not None and data.eval_tokens is not None:
+            from .report.downstream import downstream_eval
+
+            def reconstruct(x_raw):
+                return sae(x_raw * data.input_scale).reconstruction / data.input_scale
+
+            results["downstream"] = downstream_eval(data.model, reconstruct, data.eval_tokens)
+        results["steps"] = step
+        # Throughput of this invocation's whole loop (data, steps, logging, checkpoints), not a window.
+        results["train_tokens_per_s"] = (step - first_step) * data.train.batch_size / run_seconds
+    else:
         say("no held-out activations (--eval-fraction 0): nothing evaluated")
-        whole_sae = sharding.whole_sae(sae, layout, d_sae)
-        if layout.is_main:
-            save_sae(whole_sae, out, data.input_scale, {**data.metadata, "training_config": cfg.to_dict()})
-            plot_curves(run_log.rows, out / "curves.png", **curve_marks(cfg))
-        return 0
-    results = evaluate(sae, data.eval_batches(cfg.batch_size), data.input_scale)
-    firing_rates = sharding.gather_features(results.pop("firing_rates"), layout, device)
-    if data.model is not None and data.eval_tokens is not None:
-        from .report.downstream import downstream_eval
-
-        def reconstruct(x_raw):
-            return sae(x_raw * data.input_scale).reconstruction / data.input_scale
-
-        results["downstream"] = downstream_eval(data.model, reconstruct, data.eval_tokens)
-    results["steps"] = step
-    # Throughput of this invocation's whole loop (data, steps, logging, checkpoints), not a window.
-    results["train_tokens_per_s"] = (step - first_step) * data.train.batch_size / run_seconds
     whole_sae = sharding.whole_sae(sae, layout, d_sae)
     if not layout.is_main:
+        return 0
+    save_sae(whole_sae, out, data.input_scale, {**data.metadata, "training_config": cfg.to_dict()})
+    plot_curves(run_log.rows, out / "curves.png", **curve_marks(cfg))
+    if not evaluated:
         return 0
     results["dead_fraction"] = (firing_rates == 0).double().mean().item()  # over all features
     results["dense_fraction"] = (firing_rates > DENSE_RATE).double().mean().item()
@@ -242,10 +243,8 @@ def train(cfg, layout, device) -> int:
     # ranks; a row counts each epoch it is met) and among the held-out rows.
     results["dropped_rows"] = run_log.rows[-1]["dropped_rows"] if run_log.rows else data.train.dropped_rows
     results["held_out_dropped_rows"] = int(data.eval_indices.size) - results["tokens"]
-    save_sae(whole_sae, out, data.input_scale, {**data.metadata, "training_config": cfg.to_dict()})
     atomic_write_bytes(out / "eval.json", (json.dumps(results, indent=2) + "\n").encode())
     plot_density(firing_rates, out / "density.png", tokens=results["tokens"], dense_rate=DENSE_RATE)
-    plot_curves(run_log.rows, out / "curves.png", **curve_marks(cfg))
     say(summary(results, out))
     return 0
 

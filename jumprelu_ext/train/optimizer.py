@@ -48,7 +48,7 @@ def clip_grad_norm_(sae, max_norm: float, layout) -> float:
     per_feature = torch.tensor([name in FEATURE_DIM for name, _ in grads], device=squares.device)
     sharded, replicated = squares[per_feature].sum(), squares[~per_feature].sum()
     if layout.sharded:
-        distributed.sum_(sharded.reshape(1), layout)
+        sharded = distributed.sum_(sharded.reshape(1), layout)[0]
     norm = (sharded + replicated).sqrt()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)

@@ -17,9 +17,6 @@ class FixedCoefficient:
     def at(self, step: int) -> float:
         return l0_coefficient_at(step, self.final, self.warmup_steps)
 
-    def observe(self, l0: float) -> None:
-        pass
-
     def state_dict(self) -> dict:
         return {}
 
