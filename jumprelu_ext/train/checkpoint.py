@@ -87,7 +87,11 @@ def restore_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
-_REQUIRED_KEYS = ("sae", "optimizer", "step")
+
+def _required_keys(state: dict) -> tuple[str, ...]:
+    """A single run's checkpoint holds its SAE and optimiser at the top level; a sweep's holds
+    each SAE's under ``members`` (docs/trainer.md#several-saes-from-one-stream)."""
+    return ("members", "step") if "members" in state else ("sae", "optimizer", "step")
 
 
 class CheckpointError(UserError):
@@ -104,7 +108,8 @@ def save_checkpoint(path, state: dict) -> Path:
     """Atomically write a training checkpoint to ``path`` (a file path).
 
     ``state`` is a dict; the trainer stores at least:
-      ``sae`` (module state_dict), ``optimizer`` (optimizer state_dict), ``step`` (int),
+      ``sae`` (module state_dict), ``optimizer`` (optimizer state_dict), ``step`` (int)
+    (a sweep: ``members``, each SAE's ``sae``, ``optimizer``, ... by name, instead of the first two),
     and normally also ``scheduler`` (LR-scheduler state_dict or None), ``rng``
     (``capture_rng_state()``), ``data`` (small dict describing the data iterator's position),
     ``config`` (the training config dict) and ``input_scale`` (the scalar c with E‖c·x‖² = 1).
@@ -112,7 +117,7 @@ def save_checkpoint(path, state: dict) -> Path:
     """
     if not isinstance(state, dict):
         raise TypeError(f"save_checkpoint: state must be a dict, got {type(state).__name__}")
-    missing = [k for k in _REQUIRED_KEYS if k not in state]
+    missing = [k for k in _required_keys(state) if k not in state]
     if missing:
         raise ValueError(f"save_checkpoint: state is missing required keys {missing}")
     payload = dict(state)
@@ -144,7 +149,7 @@ def load_checkpoint(path, map_location="cpu", weights_only: bool = True) -> dict
         raise CheckpointError(
             path, f"is not a trainer checkpoint (it does not hold a dict but a {type(state).__name__})"
         )
-    missing = [k for k in _REQUIRED_KEYS if k not in state]
+    missing = [k for k in _required_keys(state) if k not in state]
     if missing:
         raise CheckpointError(path, f"is not a trainer checkpoint (it lacks {', '.join(missing)})")
     return state

@@ -9,6 +9,11 @@ override them. ``TrainConfig.validate`` checks values and raises ``ConfigError``
 message that names the offending flag. ``to_dict``/``from_dict`` serialise a config for
 checkpoints.
 
+The options in ``SWEEPABLE`` also take a list (``--l0-coefficient 1e-3,2e-3`` or a list in the
+config file): the run is then a sweep that trains one SAE per value on the same batches, and
+``TrainConfig.members`` gives each SAE's own single-run config. Any other option given a list is
+an error naming it (docs/trainer.md#several-saes-from-one-stream).
+
 Defaults follow the paper's recipe (Rajamanoharan et al. 2024; Gemma Scope): lr 7e-5 with a
 1,000-step linear warm-up, λ warmed up over 10,000 steps, batch 4,096, bandwidth ε = 1e-3 and
 θ initialised to 1e-3, θ trained in log space. Those recipes rely on very long runs (θ moves by at
@@ -35,6 +40,7 @@ from .errors import UserError, first_line
 __all__ = [
     "CHOICES",
     "EMBEDDED_DEFAULT",
+    "SWEEPABLE",
     "ConfigError",
     "TrainConfig",
     "build_parser",
@@ -55,6 +61,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("float32", "bfloat16"),
     "recipe": ("default", "paper"),
 }
+
+# Options that take a list of values: one SAE is trained per value, all on the same batches.
+SWEEPABLE = ("l0_coefficient", "target_l0")
+SWEEP_HELP = (
+    "; a comma-separated list (e.g. {example}) trains one SAE per value on the same batches, "
+    "each in --out/{name}-VALUE/ (docs/trainer.md#several-saes-from-one-stream)"
+)
 
 # ``--recipe paper``: Rajamanoharan et al. 2024 exactly (Gemma Scope's values), for
 # reproductions. The default recipe differs where measurements showed a better SAE at the same
@@ -159,13 +172,15 @@ class TrainConfig:
     lr: float = _f(7e-5, "Adam learning rate (beta1=0, beta2=0.999, eps=1e-8)")
     lr_warmup_steps: int = _f(1000, "steps of linear learning-rate warm-up from ~0 to --lr")
     lr_decay: str = _f("none", "learning-rate schedule after warm-up: constant or cosine to 0 at --steps")
-    l0_coefficient: float = _f(
-        1.0, "sparsity coefficient lambda on the L0 (or tanh) penalty; with --target-l0, lambda's starting value"
+    l0_coefficient: float | tuple[float, ...] = _f(
+        1.0,
+        "sparsity coefficient lambda on the L0 (or tanh) penalty; with --target-l0, lambda's starting value"
+        + SWEEP_HELP.format(example="1e-3,2e-3,4e-3", name="l0_coefficient"),
     )
-    target_l0: float | None = _f(
+    target_l0: float | tuple[float, ...] | None = _f(
         None,
         "aim for this mean L0 (active features per token): lambda is adapted every step instead of fixed "
-        "(docs/trainer.md#reaching-a-target-l0)",
+        "(docs/trainer.md#reaching-a-target-l0)" + SWEEP_HELP.format(example="20,40,80", name="target_l0"),
     )
     encoder_init_scale: float = _f(
         0.1, "initial encoder W_enc = this * W_dec^T (the paper: 1; 0.1 measured better, docs/method.md#ablations)"
@@ -237,8 +252,29 @@ class TrainConfig:
         return "--" + name.replace("_", "-")
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain JSON-serialisable dict of every field."""
-        return dataclasses.asdict(self)
+        """A plain JSON-serialisable dict of every field (a swept option's values as a list)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def swept(self) -> str | None:
+        """The option given several values (the run is a sweep), or None for a single run."""
+        lists = [name for name in SWEEPABLE if isinstance(getattr(self, name), tuple)]
+        if len(lists) > 1:
+            raise ConfigError("give a list to one of --l0-coefficient and --target-l0, not both")
+        return lists[0] if lists else None
+
+    def members(self) -> list[tuple[str | None, TrainConfig]]:
+        """(name, config) of each SAE this run trains. A single run is its own only member (name
+        None). A sweep has one member per value, named ``<option>-<value>`` (``l0_coefficient-0.002``),
+        whose config is the single run with that value and ``--out`` ``<out>/<name>``."""
+        name = self.swept
+        if name is None:
+            return [(None, self)]
+        members = []
+        for value in getattr(self, name):
+            member = f"{name}-{_short(value)}"
+            members.append((member, dataclasses.replace(self, **{name: value, "out": os.path.join(self.out, member)})))
+        return members
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
@@ -248,6 +284,17 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Check every value; raise ``ConfigError`` naming the flag. Returns self."""
         fl = self.flag
+        if self.swept is not None:  # a sweep is valid when each of its single runs is
+            values = getattr(self, self.swept)
+            if len(set(values)) < len(values):
+                raise ConfigError(f"{fl(self.swept)} lists a value twice: {','.join(_short(v) for v in values)}")
+            if self.wandb:
+                raise ConfigError(
+                    "--wandb logs one run: it cannot log a sweep (a list for --l0-coefficient or --target-l0)"
+                )
+            for _, member in self.members():
+                member.validate()
+            return self
 
         for name in (
             "steps",
@@ -324,19 +371,35 @@ _HINTS = typing.get_type_hints(TrainConfig)
 
 
 def _field_type(name: str) -> tuple[type, bool]:
-    """(base type, optional) of a field: ``int | None`` gives (int, True)."""
+    """(base type, optional) of a field: ``int | None`` gives (int, True), and a swept option's
+    ``float | tuple[float, ...]`` gives (float, False)."""
     hint = _HINTS[name]
-    args = typing.get_args(hint)
-    if type(None) in args:
-        (base,) = (a for a in args if a is not type(None))
-        return base, True
-    return hint, False
+    args = [a for a in typing.get_args(hint) if typing.get_origin(a) is not tuple]
+    if not args:
+        return hint, False
+    (base,) = (a for a in args if a is not type(None))
+    return base, type(None) in args
+
+
+def _short(value: float) -> str:
+    """The shortest text that reads back as ``value``: 0.002, 40 (member names, messages)."""
+    text = f"{value:g}"
+    return text if float(text) == value else repr(value)
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
     """Convert a value from a config file (JSON/YAML types) to the field's type, or raise."""
     base, optional = _field_type(name)
     key = f"{source}: {name} ({TrainConfig.flag(name)})"
+    if isinstance(value, str) and "," in value and base in (int, float):  # "1e-3,2e-3", as on the command line
+        value = value.split(",")
+    if isinstance(value, list):
+        if name not in SWEEPABLE:
+            raise ConfigError(f"{key} takes one value, got {value!r}")
+        values = tuple(_coerce(name, v, source) for v in value)
+        if None in values or not values:
+            raise ConfigError(f"{key} expects a number or a list of numbers, got {value!r}")
+        return values[0] if len(values) == 1 else values
     if value is None:
         if optional:
             return None
@@ -413,6 +476,30 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- argparse
 
 
+class _ListGiven(str):
+    """A comma-separated value for a numeric option that takes one: reported after parsing, as
+    one line naming the option (argparse would add its usage text to a type error)."""
+
+
+def _one_value(base: type):
+    def convert(text: str):
+        return _ListGiven(text) if "," in text else base(text)
+
+    convert.__name__ = base.__name__  # argparse's "invalid float value" names the type by this
+    return convert
+
+
+def _one_or_more(base: type):
+    """A swept option: one value, or several separated by commas (a tuple)."""
+
+    def convert(text: str):
+        values = tuple(base(part) for part in text.split(","))
+        return values[0] if len(values) == 1 else values
+
+    convert.__name__ = f"{base.__name__} (or a comma-separated list)"
+    return convert
+
+
 def _help_text(name: str) -> str:
     text = _FIELDS[name].metadata["help"].replace("%", "%%") + " (default: %(default)s)"
     if EMBEDDED_DEFAULT.get(name, _FIELDS[name].default) != _FIELDS[name].default:  # what a bare call uses
@@ -449,12 +536,12 @@ def build_parser(defaults: Mapping[str, Any] | None = None) -> argparse.Argument
             # Some Python versions append the default themselves; set it once, here.
             action.help = _help_text(name)
             continue
-        kwargs["type"] = base
+        kwargs["type"] = _one_or_more(base) if name in SWEEPABLE else _one_value(base) if base is not str else base
         kwargs["help"] = _help_text(name)
         if name in CHOICES:
             kwargs["choices"] = CHOICES[name]
         else:
-            kwargs["metavar"] = {int: "N", float: "X", str: "STR"}[base]
+            kwargs["metavar"] = "X[,X...]" if name in SWEEPABLE else {int: "N", float: "X", str: "STR"}[base]
         parser.add_argument(flag, **kwargs)
     if defaults:
         parser.set_defaults(**defaults)
@@ -484,5 +571,8 @@ def parse_args(argv: Sequence[str] | None = None, *, validate: bool = True) -> T
         base.update(PAPER_RECIPE)
     ns = build_parser({**base, **file_values}).parse_args(argv)
     values = {name: getattr(ns, name) for name in _FIELDS}
+    for name, value in values.items():
+        if isinstance(value, _ListGiven):
+            raise ConfigError(f"{TrainConfig.flag(name)} takes one value, got {str(value)!r}")
     cfg = TrainConfig(**values)
     return cfg.validate() if validate else cfg

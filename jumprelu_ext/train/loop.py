@@ -1,7 +1,8 @@
 """Train a JumpReLU sparse autoencoder: ``python -m jumprelu_ext.train --help``.
 
-Reads top to bottom: configuration, data, SAE and optimiser, resume, the training loop,
-evaluation and the report. The recipe and its deviations: docs/method.md#the-training-recipe;
+Reads top to bottom: configuration, data, the SAEs and their optimisers, resume, the training
+loop, evaluation and the report. A run trains one SAE, or with a list of values for
+``--l0-coefficient`` / ``--target-l0`` one per value on the same batches (a sweep; member.py). The recipe and its deviations: docs/method.md#the-training-recipe;
 the design: docs/trainer.md.
 """
 
@@ -21,19 +22,19 @@ from tqdm import tqdm
 
 from ..export import save_sae
 from ..files import atomic_write_bytes
-from ..sae import SAELoss
 from . import distributed, sharding
 from .checkpoint import CHECKPOINT_NAME, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import parse_args
 from .data.prepare import prepare_data
 from .errors import UserError
 from .interrupt import StopRequest
-from .optimizer import build_optimizer, clip_grad_norm_, keep_threshold_nonnegative
+from .member import Member, build_members, pack_states, unpack_states
+from .optimizer import clip_grad_norm_, keep_threshold_nonnegative
 from .outdir import output_folder
-from .report.metrics import FiringTracker, evaluate
-from .report.plots import plot_curves, plot_density
-from .report.run_log import RunLog, check_logging_extras
-from .sparsity import sparsity_coefficient
+from .report.metrics import evaluate
+from .report.plots import plot_curves, plot_density, plot_frontier
+from .report.run_log import check_logging_extras
+from .report.sweep import SUMMARY_NAME, sweep_summary, sweep_table
 
 DENSE_RATE = 0.1  # a feature firing on more than this fraction of tokens counts as dense
 
@@ -89,21 +90,11 @@ def train(cfg, layout, device) -> int:
         f"{data.eval_indices.size} held out), input scale {data.input_scale:.4g}, d_sae {d_sae}{ranks}"
     )
 
-    # ---------------------------------------------------------------- SAE and optimiser
-    sae = sharding.build_sae(
-        data.d_in,
-        d_sae,
-        layout,
-        device,
-        bandwidth=cfg.bandwidth,
-        init_threshold=cfg.init_threshold,
-        threshold_param=cfg.threshold_param,
-        ste_to_input=cfg.ste_to_input,
-        encoder_init_scale=cfg.encoder_init_scale,
-    )
-    optimizer, scheduler = build_optimizer(sae, cfg)
-    coefficient = sparsity_coefficient(cfg)  # λ: warmed up to a fixed value, or steered to --target-l0
-    firing = FiringTracker.for_sae(sae)  # features fired since the last log line
+    # ---------------------------------------------------------------- SAEs and optimisers
+    # One SAE, or one per value of a sweep: each with its optimiser, λ, firing tracker and folder.
+    members = build_members(cfg, data.d_in, d_sae, layout, device)
+    if cfg.swept:
+        say(f"a sweep of {len(members)} SAEs on the same batches: {', '.join(m.name for m in members)}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
     # ---------------------------------------------------------------- resume
@@ -112,13 +103,8 @@ def train(cfg, layout, device) -> int:
     if cfg.resume and checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path)  # memory-mapped on the CPU: a shard reads its part
         check_resumable(state["config"], cfg)
-        sae_state, optimizer_state = sharding.shard_states(
-            state["sae"], state["optimizer"], sae, optimizer, layout, d_sae
-        )
-        sae.load_state_dict(sae_state)
-        optimizer.load_state_dict(optimizer_state)
-        scheduler.load_state_dict(state["scheduler"])
-        coefficient.load_state_dict(state.get("sparsity", {}))
+        for member, member_state in zip(members, unpack_states(state, members, out)):
+            member.load_state_dict(member_state, layout, d_sae)
         data.train.load_state_dict(state["data"])
         data.input_scale = state["input_scale"]
         restore_rng_state(state["rng"])
@@ -126,19 +112,18 @@ def train(cfg, layout, device) -> int:
         say(f"resumed from {checkpoint_path} at step {step}")
     elif cfg.resume:
         say(f"--resume: no checkpoint in {out}, starting at step 0")
-    run_log = RunLog(out, cfg, resume_step=step) if layout.is_main else None
+    for member in members:
+        member.open_log(step, layout)
 
     def checkpoint():
-        # Always the whole SAE in the single-process format: resumable at any world size.
-        sae_state, optimizer_state = sharding.gather_states(sae, optimizer, layout)
+        # Every SAE of the run in one file, so all resume at the same step; always the whole SAE in
+        # the single-process format: resumable at any world size.
+        states = [member.state_dict(layout) for member in members]
         if layout.is_main:
             save_checkpoint(
                 checkpoint_path,
                 {
-                    "sae": sae_state,
-                    "optimizer": optimizer_state,
-                    "scheduler": scheduler.state_dict(),
-                    "sparsity": coefficient.state_dict(),
+                    **pack_states(members, states),
                     "step": step,
                     "data": data.train.state_dict(),
                     "input_scale": data.input_scale,
@@ -155,28 +140,32 @@ def train(cfg, layout, device) -> int:
     with StopRequest() as stop:
         while step < cfg.steps and not stopping:
             x, rows = data.next_batch(layout)  # this rank's rows; `rows` counts the global batch
-            l0_coefficient = coefficient.at(step)
-            with autocast:
-                loss = sae.loss(
-                    x,
-                    l0_coefficient,
-                    sparsity_loss=cfg.sparsity_loss,
-                    tanh_scale=cfg.tanh_scale,
-                    pre_act_loss_coefficient=cfg.pre_act_loss_coefficient,
-                    num_rows=rows,
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.total.backward()
-            distributed.all_reduce_gradients(sae.parameters(), layout)  # data parallel: the global gradient
-            sae.remove_parallel_decoder_grad()  # keep decoder rows on the unit sphere ...
-            grad_norm = clip_grad_norm_(sae, cfg.max_grad_norm, layout)
-            optimizer.step()
-            scheduler.step()
-            sae.normalize_decoder()  # ... and undo the step's drift off it
-            keep_threshold_nonnegative(sae)
-            if cfg.target_l0 is not None:
-                coefficient.observe(distributed.global_mean(loss.l0, layout))
-            firing.update(loss.output.acts)
+            for member in members:  # every SAE takes its step on the same batch
+                sae = member.sae
+                l0_coefficient = member.coefficient.at(step)
+                with autocast:
+                    loss = sae.loss(
+                        x,
+                        l0_coefficient,
+                        sparsity_loss=cfg.sparsity_loss,
+                        tanh_scale=cfg.tanh_scale,
+                        pre_act_loss_coefficient=cfg.pre_act_loss_coefficient,
+                        num_rows=rows,
+                    )
+                member.optimizer.zero_grad(set_to_none=True)
+                loss.total.backward()
+                distributed.all_reduce_gradients(sae.parameters(), layout)  # data parallel: the global gradient
+                sae.remove_parallel_decoder_grad()  # keep decoder rows on the unit sphere ...
+                grad_norm = clip_grad_norm_(sae, cfg.max_grad_norm, layout)
+                member.optimizer.step()
+                member.scheduler.step()
+                sae.normalize_decoder()  # ... and undo the step's drift off it
+                keep_threshold_nonnegative(sae)
+                if member.cfg.target_l0 is not None:
+                    member.coefficient.observe(distributed.global_mean(loss.l0, layout))
+                member.firing.update(loss.output.acts)
+                # Kept for the log line without the activations, which a sweep would hold once per SAE.
+                member.last = (loss.total.detach(), loss.mse.detach(), loss.l0.detach(), l0_coefficient, grad_norm)
             step += 1
             window_steps += 1
             bar.update(1)
@@ -184,24 +173,22 @@ def train(cfg, layout, device) -> int:
 
             if step % cfg.log_every == 0 or step == cfg.steps:
                 seconds = time.perf_counter() - window_start
-                window = LogWindow(step, x, rows, loss, l0_coefficient, grad_norm, window_steps / seconds)
-                row = log_row(window, sae, firing, scheduler, data, layout)
-                if run_log:
-                    run_log.log(row)
-                bar.set_postfix(
-                    loss=f"{row['loss']:.4g}",
-                    l0=f"{row['l0']:.1f}",
-                    fvu=f"{row['fvu']:.3f}",
-                    tok_s=f"{row['tokens_per_s']:.0f}",
-                )
-                firing.reset()
+                logged = []
+                for member in members:
+                    window = LogWindow(step, x, rows, *member.last, window_steps / seconds)
+                    logged.append(log_row(window, member, data, layout))
+                    if member.run_log:
+                        member.run_log.log(logged[-1])
+                    member.firing.reset()
+                bar.set_postfix(**progress(logged))
                 window_start, window_steps = time.perf_counter(), 0
             if step == cfg.steps or stopping or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 checkpoint()
     bar.close()
     run_seconds = time.perf_counter() - run_start
-    if run_log:
-        run_log.close()
+    for member in members:
+        if member.run_log:
+            member.run_log.close()
     if stopping:
         signal_number = stop.signal_number or signal.SIGTERM  # this rank may have been told by another
         say(
@@ -214,9 +201,29 @@ def train(cfg, layout, device) -> int:
     # Data-parallel ranks hold identical SAEs: rank 0 evaluates. Sharded ranks evaluate together.
     if not (layout.is_main or layout.sharded):
         return 0
+    if data.eval_indices.size == 0:
+        say("no held-out activations (--eval-fraction 0): nothing evaluated")
+    throughput = (step - first_step) * data.train.batch_size / run_seconds
+    reports = [report(member, data, step, throughput, layout, device, d_sae) for member in members]
+    if not layout.is_main or reports[0] is None:
+        return 0
+    if not cfg.swept:
+        say(summary(reports[0], out))
+        return 0
+    rows = sweep_summary(members, reports, cfg.swept)
+    atomic_write_bytes(out / SUMMARY_NAME, (json.dumps(rows, indent=2) + "\n").encode())
+    plot_frontier(rows, out / "frontier.png", swept=cfg.swept, tokens=reports[0]["tokens"])
+    say(sweep_table(rows, out))
+    return 0
+
+
+def report(member: Member, data, step: int, throughput: float, layout, device, d_sae: int) -> dict | None:
+    """Evaluate one SAE on the held-out rows and write it and its report into its folder; returns
+    the results on rank 0 (None without a held-out set, and on the other ranks)."""
+    sae, out = member.sae, member.out
     evaluated = data.eval_indices.size > 0
     if evaluated:
-        results = evaluate(sae, data.eval_batches(cfg.batch_size), data.input_scale)
+        results = evaluate(sae, data.eval_batches(member.cfg.batch_size), data.input_scale)
         firing_rates = sharding.gather_features(results.pop("firing_rates"), layout, device)
         if data.model is not None and data.eval_tokens is not None:
             from .report.downstream import downstream_eval
@@ -227,16 +234,15 @@ def train(cfg, layout, device) -> int:
             results["downstream"] = downstream_eval(data.model, reconstruct, data.eval_tokens)
         results["steps"] = step
         # Throughput of this invocation's whole loop (data, steps, logging, checkpoints), not a window.
-        results["train_tokens_per_s"] = (step - first_step) * data.train.batch_size / run_seconds
-    else:
-        say("no held-out activations (--eval-fraction 0): nothing evaluated")
+        results["train_tokens_per_s"] = throughput
     whole_sae = sharding.whole_sae(sae, layout, d_sae)
     if not layout.is_main:
-        return 0
-    save_sae(whole_sae, out, data.input_scale, {**data.metadata, "training_config": cfg.to_dict()})
-    plot_curves(run_log.rows, out / "curves.png", **curve_marks(cfg))
+        return None
+    save_sae(whole_sae, out, data.input_scale, {**data.metadata, "training_config": member.cfg.to_dict()})
+    run_log = member.run_log
+    plot_curves(run_log.rows, out / "curves.png", **curve_marks(member.cfg))
     if not evaluated:
-        return 0
+        return None
     results["dead_fraction"] = (firing_rates == 0).double().mean().item()  # over all features
     results["dense_fraction"] = (firing_rates > DENSE_RATE).double().mean().item()
     # Rows skipped for NaN/Inf: in the training stream (the last logged row's count, summed over
@@ -245,8 +251,7 @@ def train(cfg, layout, device) -> int:
     results["held_out_dropped_rows"] = int(data.eval_indices.size) - results["tokens"]
     atomic_write_bytes(out / "eval.json", (json.dumps(results, indent=2) + "\n").encode())
     plot_density(firing_rates, out / "density.png", tokens=results["tokens"], dense_rate=DENSE_RATE)
-    say(summary(results, out))
-    return 0
+    return results
 
 
 def _quiet(*args, **kwargs):
@@ -266,32 +271,35 @@ def check_resumable(saved: dict, cfg) -> None:
 
 @dataclass
 class LogWindow:
-    """The last step of a logging window: what its metrics row is computed from."""
+    """The last step of a logging window: what one SAE's metrics row is computed from."""
 
     step: int
     x: torch.Tensor  # this rank's rows of the step's batch
     rows: int  # rows in the global batch
-    loss: SAELoss
+    loss: torch.Tensor  # the SAE's loss terms on this rank's rows: total, MSE, L0
+    mse: torch.Tensor
+    l0: torch.Tensor
     l0_coefficient: float
     grad_norm: float  # global, before clipping
     steps_per_s: float  # over the window
 
 
 @torch.no_grad()
-def log_row(window: LogWindow, sae, firing, scheduler, data, layout) -> dict:
+def log_row(window: LogWindow, member: Member, data, layout) -> dict:
     """The logged metrics of the window's global batch (collectives: every rank calls this)."""
-    x, loss, rows = window.x.double(), window.loss, window.rows
+    x, rows = window.x.double(), window.rows
     dropped = torch.tensor([float(data.train.dropped_rows)], device=x.device, dtype=x.dtype)
-    terms = torch.stack([loss.total.double(), loss.mse.double(), loss.l0.double(), x.pow(2).sum()])
+    terms = torch.stack([window.loss.double(), window.mse.double(), window.l0.double(), x.pow(2).sum()])
     stats = torch.cat([terms, x.sum(0), dropped])
     if layout.data_parallel:  # each rank's loss terms are its share of the global means: sum them
         distributed.sum_(stats, layout)
     total, mse, l0, sum_squares, *rest = stats.tolist()
     *sum_x, dropped_rows = rest
     if not math.isfinite(total):
-        raise UserError(f"the loss became {total} at step {window.step}: lower --lr / --threshold-lr")
+        which = f"{member.name}: " if member.name else ""  # the SAE of a sweep whose loss it is
+        raise UserError(f"{which}the loss became {total} at step {window.step}: lower --lr / --threshold-lr")
     variance = sum_squares / rows - sum(v * v for v in sum_x) / rows**2  # of the batch, summed over d_in
-    dead, dense = distributed.firing_fractions(firing, layout, DENSE_RATE)
+    dead, dense = distributed.firing_fractions(member.firing, layout, DENSE_RATE)
     return {
         "step": window.step,
         "tokens": window.step * data.train.batch_size,
@@ -300,15 +308,22 @@ def log_row(window: LogWindow, sae, firing, scheduler, data, layout) -> dict:
         "l0": l0,
         "fvu": mse / variance if variance > 0 else float("nan"),
         "l0_coefficient": window.l0_coefficient,
-        "lr": scheduler.get_last_lr()[0],
+        "lr": member.scheduler.get_last_lr()[0],
         "grad_norm": window.grad_norm,
-        "threshold_mean": distributed.feature_mean(sae.threshold, layout),
+        "threshold_mean": distributed.feature_mean(member.sae.threshold, layout),
         "dead_fraction": dead,
         "dense_fraction": dense,
         "dropped_rows": int(dropped_rows),
         "tokens_per_s": window.steps_per_s * data.train.batch_size,
         "peak_memory_mib": peak_memory_mib(x.device),
     }
+
+
+def progress(logged: list[dict]) -> dict:
+    """The progress bar's postfix: the last log row's numbers, one per SAE (``a/b/c``) in a sweep."""
+    formats = {"loss": ".4g", "l0": ".1f", "fvu": ".3f"}
+    postfix = {key: "/".join(f"{row[key]:{spec}}" for row in logged) for key, spec in formats.items()}
+    return {**postfix, "tok_s": f"{logged[0]['tokens_per_s']:.0f}"}
 
 
 def peak_memory_mib(device) -> float:

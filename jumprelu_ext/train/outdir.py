@@ -4,11 +4,12 @@
 
 - ``--out`` must be a folder (or not exist yet) that this process can write to; a file there, a
   read-only filesystem or a missing permission is an error at start-up, not after harvesting;
-- a folder that holds a started or finished run (``checkpoint.pt`` or
-  ``sae_weights.safetensors``) is not written into unless ``--resume`` continues it or
-  ``--overwrite`` replaces it (then the old run's files are removed first, so nothing of it is
-  mixed into the new one); ``--resume`` on a folder with the SAE but no checkpoint is refused
-  too, since it would start over on top of the SAE;
+- a folder that holds a started or finished run (``checkpoint.pt``, ``sae_weights.safetensors``,
+  a sweep's ``summary.json``, or a sweep's SAE folder ``l0_coefficient-*/`` or ``target_l0-*/``
+  holding an SAE) is not written into unless ``--resume`` continues it or ``--overwrite``
+  replaces it (then the old run's files are removed first, the old sweep's SAE folders'
+  included, so nothing of it is mixed into the new one); ``--resume`` on a folder with an SAE
+  but no checkpoint is refused too, since it would start over on top of the SAE;
 - temp files left by a write that a kill interrupted (``.NAME.XXXXXXXX.tmp``) are removed;
 - a folder this run created is removed again, with any parents it created, if the run fails and
   leaves it empty.
@@ -24,14 +25,17 @@ from pathlib import Path
 from ..export import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from ..files import remove_stale_temp_files
 from .checkpoint import CHECKPOINT_NAME
+from .config import SWEEPABLE
 from .errors import UserError
 from .report.run_log import METRICS_NAME
+from .report.sweep import SUMMARY_NAME
 
 __all__ = ["OutputError", "RUN_FILES", "output_folder"]
 
 # What marks a folder as holding a run: a checkpoint (started) or the SAE (finished).
-RUN_MARKERS = (CHECKPOINT_NAME, SAE_WEIGHTS_FILENAME)
-# Every file a run writes into --out (TensorBoard's folder aside): what --overwrite removes.
+RUN_MARKERS = (CHECKPOINT_NAME, SAE_WEIGHTS_FILENAME, SUMMARY_NAME)
+# Every file a run writes into --out and a sweep into each SAE's folder (TensorBoard's folder
+# aside): what --overwrite removes.
 RUN_FILES = (
     CHECKPOINT_NAME,
     SAE_WEIGHTS_FILENAME,
@@ -40,6 +44,8 @@ RUN_FILES = (
     METRICS_NAME,
     "density.png",
     "curves.png",
+    SUMMARY_NAME,
+    "frontier.png",
 )
 
 
@@ -54,13 +60,16 @@ def output_folder(cfg, is_main: bool = True):
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file, not a folder: give a folder for the run's files")
-    held = [name for name in RUN_MARKERS if (out / name).is_file()]
+    folders = _run_folders(out)
+    held = [
+        str((folder / name).relative_to(out)) for folder in folders for name in RUN_MARKERS if (folder / name).is_file()
+    ]
     if held and not (cfg.resume or cfg.overwrite):
         raise OutputError(
             f"--out {out} already holds a run ({', '.join(held)}): continue it with --resume, "
             "replace it with --overwrite, or give another --out"
         )
-    if cfg.resume and held == [SAE_WEIGHTS_FILENAME]:  # --resume would start over on a finished SAE
+    if cfg.resume and held and CHECKPOINT_NAME not in held:  # --resume would start over on a finished SAE
         raise OutputError(
             f"--resume: {out} holds a trained SAE but no {CHECKPOINT_NAME} to continue from: "
             "replace it with --overwrite (instead of --resume), or give another --out"
@@ -69,14 +78,24 @@ def output_folder(cfg, is_main: bool = True):
     try:
         _check_writable(out)
         if is_main:
-            remove_stale_temp_files(out)
+            for folder in folders:
+                remove_stale_temp_files(folder)
             if cfg.overwrite:
-                for name in RUN_FILES:
-                    (out / name).unlink(missing_ok=True)
+                for folder in folders:
+                    for name in RUN_FILES:
+                        (folder / name).unlink(missing_ok=True)
         yield out
     except BaseException:
         _remove_if_empty(created)
         raise
+
+
+def _run_folders(out: Path) -> list[Path]:
+    """``out`` and, inside it, the SAE folders a sweep writes (``l0_coefficient-0.002``, ...)."""
+    if not out.is_dir():
+        return [out]
+    sweeps = [p for p in sorted(out.iterdir()) if p.is_dir() and p.name.startswith(tuple(f"{s}-" for s in SWEEPABLE))]
+    return [out, *sweeps]
 
 
 def _make_folder(out: Path) -> list[Path]:

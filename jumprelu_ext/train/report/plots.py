@@ -1,4 +1,4 @@
-"""Training plots: feature-density histogram and training curves.
+"""Training plots: feature-density histogram, training curves and a sweep's L0–FVU frontier.
 
 matplotlib is imported lazily, inside the functions, and only its non-interactive Agg canvas
 is used (``Figure`` + ``FigureCanvasAgg``, not pyplot): no display is needed and the global
@@ -18,7 +18,7 @@ import math
 
 from ...files import atomic_write
 
-__all__ = ["plot_density", "plot_curves"]
+__all__ = ["plot_density", "plot_curves", "plot_frontier"]
 
 SETTLED_FROM = 0.1  # y ranges are fitted to the steps after this fraction of the run
 
@@ -213,5 +213,31 @@ def plot_curves(metrics_rows, path, max_grad_norm=None, target_l0=None):
             f"(y ranges fitted to the steps after the first {SETTLED_FROM:.0%}; open circles: points beyond them)",
             fontsize="medium",
         )
+    fig.tight_layout()
+    _save_png(fig, path)
+
+
+def plot_frontier(rows, path, swept, tokens=None):
+    """A sweep's SAEs on the held-out set: FVU against L0 (log axis, since a λ sweep spreads L0
+    over decades), one point per SAE labelled with its value and joined in order of L0, to
+    ``path`` (PNG). ``rows`` are ``report.sweep.sweep_summary``'s; ``swept`` the option swept."""
+    points = sorted((row["l0"], row["fvu"], row[swept]) for row in rows)
+    fig = _new_figure((6.4, 4.6))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", linewidth=1.3)
+    for l0, fvu, value in points:
+        ax.annotate(f"{value:g}", (l0, fvu), textcoords="offset points", xytext=(6, 6), fontsize="small")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(_plain)
+    ax.xaxis.set_minor_formatter(_minor)
+    ax.set_xlabel("L0 (active features per token)")
+    ax.set_ylabel("FVU (fraction of variance unexplained)")
+    ax.grid(True, which="major", alpha=0.35)
+    ax.grid(True, which="minor", alpha=0.12)
+    on = f" on {tokens:,} held-out tokens" if tokens else ""
+    ax.set_title(
+        f"L0-FVU frontier{on}\n{len(points)} SAEs from one stream, labelled with --{swept.replace('_', '-')}",
+        fontsize="medium",
+    )
     fig.tight_layout()
     _save_png(fig, path)
