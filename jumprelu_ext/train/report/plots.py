@@ -228,8 +228,11 @@ def plot_frontier(rows, path, swept, tokens=None):
     for l0, fvu, value in points:
         ax.annotate(f"{value:g}", (l0, fvu), textcoords="offset points", xytext=(6, 6), fontsize="small")
     ax.set_xscale("log")
+    ax.margins(0.12)  # room for the labels of the end points
     ax.xaxis.set_major_formatter(_plain)
-    ax.xaxis.set_minor_formatter(_minor)
+    l0s = [p[0] for p in points if p[0] > 0]
+    within_a_decade = bool(l0s) and max(l0s) < 10 * min(l0s)
+    ax.xaxis.set_minor_formatter(_plain if within_a_decade else _minor)  # else 2, 3 and 5 only: no crowding
     ax.set_xlabel("L0 (active features per token)")
     ax.set_ylabel("FVU (fraction of variance unexplained)")
     ax.grid(True, which="major", alpha=0.35)
