@@ -214,9 +214,20 @@ def model_flags(tiny, out, *extra):
     return stream_flags(tiny, out, "--steps", "16", "--log-every", "8", *extra)
 
 
-def test_a_streamed_sweep_equals_its_single_runs(tiny, tmp_path):
-    """The model's activations are harvested once, in fills shared by both SAEs."""
-    assert train.main(model_flags(tiny, tmp_path / "sweep", "--l0-coefficient", "1e-2,3e-1")) == 0
+def test_a_streamed_sweep_stopped_and_resumed_equals_its_single_runs(tiny, tmp_path, monkeypatch):
+    """The model's activations are harvested once, in fills shared by both SAEs; stopped at step
+    10, between checkpoints (every 7 steps) and inside a fill, the sweep resumes exactly."""
+    import os
+    import signal
+
+    from jumprelu_ext.train.data.stream import StreamedBatches
+
+    flags = model_flags(tiny, tmp_path / "sweep", "--l0-coefficient", "1e-2,3e-1")
+    with monkeypatch.context() as patch:
+        _signal_at_batch(patch, 10, lambda: os.kill(os.getpid(), signal.SIGTERM), stream=StreamedBatches)
+        assert train.main(flags) == 128 + signal.SIGTERM
+    assert torch.load(tmp_path / "sweep" / "checkpoint.pt", weights_only=True)["step"] == 10
+    assert train.main(flags + ["--resume"]) == 0
     for value in ("0.01", "0.3"):
         assert train.main(model_flags(tiny, tmp_path / value, "--l0-coefficient", value)) == 0
         folder = tmp_path / "sweep" / f"l0_coefficient-{value}"

@@ -62,9 +62,10 @@ def test_run_writes_the_sae_and_report(activations, tmp_path):
     np.testing.assert_allclose(scale, 1 / np.sqrt((x.double() ** 2).sum(-1).mean().item()), rtol=0.05)
 
 
-def _signal_at_batch(monkeypatch, batch_number, action):
-    """Make the data stream run ``action`` when it hands out batch ``batch_number`` (1-based)."""
-    original = ShuffledBatches.__next__
+def _signal_at_batch(monkeypatch, batch_number, action, stream=ShuffledBatches):
+    """Make the data stream (of class ``stream``) run ``action`` when it hands out batch
+    ``batch_number`` (1-based)."""
+    original = stream.__next__
     count = {"n": 0}
 
     def next_batch(self):
@@ -73,7 +74,7 @@ def _signal_at_batch(monkeypatch, batch_number, action):
             action()
         return original(self)
 
-    monkeypatch.setattr(ShuffledBatches, "__next__", next_batch)
+    monkeypatch.setattr(stream, "__next__", next_batch)
 
 
 class Killed(BaseException):
