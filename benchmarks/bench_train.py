@@ -32,7 +32,9 @@ PLAN = harness.TimingPlan(warmup=3, min_reps=5, max_reps=50, budget_s=3.0)
 class EagerJumpReLUSAE(JumpReLUSAE):
     """The SAELens-style encoder on the same parameters (what the baseline computes)."""
 
-    def activate(self, pre):
+    def activate(self, pre, fire_counts=None):
+        if fire_counts is not None:
+            raise NotImplementedError("the eager baseline does not count fires")
         return eager_jumprelu_l0(pre, self.threshold, self.bandwidth)
 
 

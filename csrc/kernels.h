@@ -21,6 +21,10 @@ struct ForwardArgs {
   at::Tensor threshold;  // [features], contiguous; pre's dtype or float32
   at::Tensor out;        // [rows, features], pre's dtype
   at::Tensor l0;         // [rows] float32 (exact counts up to 2^24); kJumpReLUL0 only
+  // [features] int64, or undefined: not counted (the .counted op overloads). Each feature's count
+  // of rows where out != 0 is added to it (docs/ops.md#fire-counts); integer sums, so exact in any
+  // order.
+  at::Tensor fire_counts;
   ForwardMode mode = ForwardMode::kJumpReLU;
 };
 

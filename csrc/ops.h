@@ -83,12 +83,32 @@ inline at::Tensor as_rows(const at::Tensor& pre, const RowView& v) {
   return pre.contiguous().view({v.rows, v.features});
 }
 
+// fire_counts is an accumulator the kernel adds to in place, so it must be exactly the buffer
+// the caller holds: int64 [features], on pre's device, contiguous (never a copy).
+inline void check_fire_counts(const char* op, const at::Tensor& fire_counts, const RowView& v,
+                              const at::Tensor& pre) {
+  TORCH_CHECK(fire_counts.scalar_type() == at::kLong, op, ": fire_counts must be int64, got ",
+              fire_counts.scalar_type());
+  TORCH_CHECK(fire_counts.dim() == 1 && fire_counts.size(0) == v.features, op,
+              ": fire_counts must have shape [", v.features, "] (pre's features), got ",
+              fire_counts.sizes());
+  TORCH_CHECK(fire_counts.device() == pre.device(), op, ": fire_counts is on ",
+              fire_counts.device(), " but pre is on ", pre.device());
+  TORCH_CHECK(fire_counts.is_contiguous(), op,
+              ": fire_counts must be contiguous (it is added to in place)");
+}
+
+// fire_counts: undefined (the plain ops), or the caller's buffer (the .counted overloads).
 template <ForwardFn forward, EmptyFn empty>
 std::tuple<at::Tensor, at::Tensor> run_forward(const char* op, const at::Tensor& pre,
                                                const at::Tensor& threshold, double bandwidth,
-                                               ForwardMode mode) {
+                                               ForwardMode mode, const at::Tensor& fire_counts) {
   const RowView v = check_inputs(op, pre, threshold, bandwidth);
   ForwardArgs args;
+  if (fire_counts.defined()) {
+    check_fire_counts(op, fire_counts, v, pre);
+    args.fire_counts = fire_counts;
+  }
   args.pre = as_rows(pre, v);
   args.threshold = threshold.contiguous();
   args.out = empty({v.rows, v.features}, pre.options());
@@ -103,25 +123,46 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const char* op, const at::Tensor&
 
 // ste_to_input changes only the backward; the forward ops take it so that autograd sees it.
 template <ForwardFn forward, EmptyFn empty>
+at::Tensor jumprelu_counted_op(const at::Tensor& pre, const at::Tensor& threshold, double bandwidth,
+                               bool /*ste_to_input*/, const at::Tensor& fire_counts) {
+  return std::get<0>(run_forward<forward, empty>("jumprelu", pre, threshold, bandwidth,
+                                                 ForwardMode::kJumpReLU, fire_counts));
+}
+
+template <ForwardFn forward, EmptyFn empty>
+at::Tensor step_counted_op(const at::Tensor& pre, const at::Tensor& threshold, double bandwidth,
+                           bool /*ste_to_input*/, const at::Tensor& fire_counts) {
+  return std::get<0>(run_forward<forward, empty>("step", pre, threshold, bandwidth,
+                                                 ForwardMode::kStep, fire_counts));
+}
+
+template <ForwardFn forward, EmptyFn empty>
+std::tuple<at::Tensor, at::Tensor> jumprelu_l0_counted_op(const at::Tensor& pre,
+                                                          const at::Tensor& threshold,
+                                                          double bandwidth, bool /*ste_to_input*/,
+                                                          const at::Tensor& fire_counts) {
+  return run_forward<forward, empty>("jumprelu_l0", pre, threshold, bandwidth,
+                                     ForwardMode::kJumpReLUL0, fire_counts);
+}
+
+// The plain ops: the .counted ones without a buffer.
+template <ForwardFn forward, EmptyFn empty>
 at::Tensor jumprelu_op(const at::Tensor& pre, const at::Tensor& threshold, double bandwidth,
-                       bool /*ste_to_input*/) {
-  return std::get<0>(
-      run_forward<forward, empty>("jumprelu", pre, threshold, bandwidth, ForwardMode::kJumpReLU));
+                       bool ste_to_input) {
+  return jumprelu_counted_op<forward, empty>(pre, threshold, bandwidth, ste_to_input, {});
 }
 
 template <ForwardFn forward, EmptyFn empty>
 at::Tensor step_op(const at::Tensor& pre, const at::Tensor& threshold, double bandwidth,
-                   bool /*ste_to_input*/) {
-  return std::get<0>(
-      run_forward<forward, empty>("step", pre, threshold, bandwidth, ForwardMode::kStep));
+                   bool ste_to_input) {
+  return step_counted_op<forward, empty>(pre, threshold, bandwidth, ste_to_input, {});
 }
 
 template <ForwardFn forward, EmptyFn empty>
 std::tuple<at::Tensor, at::Tensor> jumprelu_l0_op(const at::Tensor& pre,
                                                   const at::Tensor& threshold, double bandwidth,
-                                                  bool /*ste_to_input*/) {
-  return run_forward<forward, empty>("jumprelu_l0", pre, threshold, bandwidth,
-                                     ForwardMode::kJumpReLUL0);
+                                                  bool ste_to_input) {
+  return jumprelu_l0_counted_op<forward, empty>(pre, threshold, bandwidth, ste_to_input, {});
 }
 
 // Which gradients the caller asked for (autograd passes ctx.needs_input_grad).
@@ -216,6 +257,9 @@ void register_ops(torch::Library& m) {
   m.impl("jumprelu", &jumprelu_op<forward, empty>);
   m.impl("step", &step_op<forward, empty>);
   m.impl("jumprelu_l0", &jumprelu_l0_op<forward, empty>);
+  m.impl("jumprelu.counted", &jumprelu_counted_op<forward, empty>);
+  m.impl("step.counted", &step_counted_op<forward, empty>);
+  m.impl("jumprelu_l0.counted", &jumprelu_l0_counted_op<forward, empty>);
   m.impl("jumprelu_backward", &jumprelu_backward_op<backward, empty>);
   m.impl("step_backward", &step_backward_op<backward, empty>);
   m.impl("jumprelu_l0_backward", &jumprelu_l0_backward_op<backward, empty>);

@@ -9,6 +9,19 @@ TORCH_LIBRARY(jumprelu_ext, m) {
   m.def(
       "jumprelu_l0(Tensor pre, Tensor threshold, float bandwidth, bool ste_to_input=False)"
       " -> (Tensor, Tensor)");
+  // The same ops, also adding each feature's count of rows with a non-zero output to fire_counts
+  // (int64 [features], in place). Overloads rather than an optional argument: the plain ops stay
+  // functional (register_autograd, no functionalisation), and inductor (torch 2.14) fails to
+  // lower a single-output op whose optional mutable argument is None (docs/ops.md#fire-counts).
+  m.def(
+      "jumprelu.counted(Tensor pre, Tensor threshold, float bandwidth, bool ste_to_input,"
+      " Tensor(a!) fire_counts) -> Tensor");
+  m.def(
+      "step.counted(Tensor pre, Tensor threshold, float bandwidth, bool ste_to_input,"
+      " Tensor(a!) fire_counts) -> Tensor");
+  m.def(
+      "jumprelu_l0.counted(Tensor pre, Tensor threshold, float bandwidth, bool ste_to_input,"
+      " Tensor(a!) fire_counts) -> (Tensor, Tensor)");
   m.def(
       "jumprelu_backward(Tensor grad_acts, Tensor pre, Tensor threshold, float bandwidth,"
       " bool ste_to_input=False, bool needs_grad_pre=True, bool needs_grad_threshold=True)"

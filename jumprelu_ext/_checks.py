@@ -12,7 +12,12 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def check_inputs(
-    op: str, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float, ste_to_input: bool = False
+    op: str,
+    pre: torch.Tensor,
+    threshold: torch.Tensor,
+    bandwidth: float,
+    ste_to_input: bool = False,
+    fire_counts: torch.Tensor | None = None,
 ) -> None:
     if not isinstance(pre, torch.Tensor) or not isinstance(threshold, torch.Tensor):
         raise TypeError(f"{op}: pre and threshold must be tensors")
@@ -42,6 +47,26 @@ def check_inputs(
             f"{op}: bandwidth {bandwidth} is outside the range of {info.dtype}, the dtype "
             f"{pre.dtype} inputs are computed in ([{info.tiny}, {info.max}])"
         )
+    if fire_counts is not None:
+        check_fire_counts(op, pre, fire_counts)
+
+
+def check_fire_counts(op: str, pre: torch.Tensor, fire_counts: torch.Tensor) -> None:
+    """fire_counts is added to in place, so it must be the caller's own buffer: int64 [F] on pre's
+    device, contiguous (a converted copy would swallow the counts)."""
+    if not isinstance(fire_counts, torch.Tensor):
+        raise TypeError(f"{op}: fire_counts must be a tensor or None, got {type(fire_counts).__name__}")
+    if fire_counts.dtype != torch.int64:
+        raise TypeError(f"{op}: fire_counts must be int64, got {fire_counts.dtype}")
+    features = pre.shape[-1]
+    if tuple(fire_counts.shape) != (features,):
+        raise ValueError(
+            f"{op}: fire_counts must have shape [{features}] (pre's features), got {list(fire_counts.shape)}"
+        )
+    if fire_counts.device != pre.device:
+        raise ValueError(f"{op}: fire_counts is on {fire_counts.device} but pre is on {pre.device}")
+    if not fire_counts.is_contiguous():
+        raise ValueError(f"{op}: fire_counts must be contiguous (it is added to in place)")
 
 
 def compute_dtype(pre: torch.Tensor) -> torch.dtype:

@@ -4,9 +4,14 @@ The backward kernels are ops of their own, so torch.compile(fullgraph=True) trac
 backward. Only pre and θ are saved for backward: no [batch, F] masks. Backward asks the kernels
 only for the gradients autograd needs (ctx.needs_input_grad); an output not asked for comes back
 as an empty tensor and becomes None here. Differentiating a gradient again raises an error.
+
+The ``.counted`` overloads of the forward ops also add to ``fire_counts`` (schema ``Tensor(a!)``,
+docs/ops.md#fire-counts). Their fake kernels return only the new outputs; torch.compile
+functionalises the in-place add.
 """
 
 import torch
+from torch._library.autograd import Info, make_autograd_impl
 
 from ._checks import check_inputs
 from .reference import double_backward_message
@@ -15,20 +20,23 @@ ops = torch.ops.jumprelu_ext
 
 
 @torch.library.register_fake("jumprelu_ext::jumprelu")
-def _jumprelu_fake(pre, threshold, bandwidth, ste_to_input=False):
-    check_inputs("jumprelu", pre, threshold, bandwidth, ste_to_input)
+@torch.library.register_fake("jumprelu_ext::jumprelu.counted")
+def _jumprelu_fake(pre, threshold, bandwidth, ste_to_input=False, fire_counts=None):
+    check_inputs("jumprelu", pre, threshold, bandwidth, ste_to_input, fire_counts)
     return pre.new_empty(pre.shape)
 
 
 @torch.library.register_fake("jumprelu_ext::step")
-def _step_fake(pre, threshold, bandwidth, ste_to_input=False):
-    check_inputs("step", pre, threshold, bandwidth, ste_to_input)
+@torch.library.register_fake("jumprelu_ext::step.counted")
+def _step_fake(pre, threshold, bandwidth, ste_to_input=False, fire_counts=None):
+    check_inputs("step", pre, threshold, bandwidth, ste_to_input, fire_counts)
     return pre.new_empty(pre.shape)
 
 
 @torch.library.register_fake("jumprelu_ext::jumprelu_l0")
-def _jumprelu_l0_fake(pre, threshold, bandwidth, ste_to_input=False):
-    check_inputs("jumprelu_l0", pre, threshold, bandwidth, ste_to_input)
+@torch.library.register_fake("jumprelu_ext::jumprelu_l0.counted")
+def _jumprelu_l0_fake(pre, threshold, bandwidth, ste_to_input=False, fire_counts=None):
+    check_inputs("jumprelu_l0", pre, threshold, bandwidth, ste_to_input, fire_counts)
     return pre.new_empty(pre.shape), pre.new_empty(pre.shape[:-1], dtype=torch.float32)
 
 
@@ -60,7 +68,7 @@ def _jumprelu_l0_backward_fake(
 
 
 def _save_inputs(ctx, inputs, output):
-    pre, threshold, bandwidth, ste_to_input = inputs
+    pre, threshold, bandwidth, ste_to_input = inputs[:4]  # a .counted overload adds fire_counts
     ctx.save_for_backward(pre, threshold)
     ctx.bandwidth = bandwidth
     ctx.ste_to_input = ste_to_input
@@ -80,7 +88,9 @@ def _backward(ctx, backward_op, grads, pre_gets_terms):
     grad_pre, grad_threshold = backward_op(
         *grads, pre, threshold, ctx.bandwidth, ctx.ste_to_input, needs_pre, needs_threshold
     )
-    return (grad_pre if needs_pre else None), (grad_threshold if needs_threshold else None), None, None
+    # None for ε, ste_to_input and (in a .counted overload) fire_counts.
+    no_grads = (None,) * (len(ctx.needs_input_grad) - 2)
+    return (grad_pre if needs_pre else None), (grad_threshold if needs_threshold else None), *no_grads
 
 
 def _jumprelu_backward(ctx, grad_acts):
@@ -102,6 +112,18 @@ torch.library.register_autograd("jumprelu_ext::step", _step_backward, setup_cont
 torch.library.register_autograd(
     "jumprelu_ext::jumprelu_l0", _jumprelu_l0_backward, setup_context=_save_inputs_keep_missing_grads
 )
+
+# torch.library.register_autograd refuses any op with a mutable argument, although fire_counts is
+# an integer buffer outside the graph (it never has a gradient). For the .counted overloads,
+# install the Autograd kernel register_autograd itself would build (make_autograd_impl).
+_counted_lib = torch.library.Library("jumprelu_ext", "IMPL")
+for _op, _backward_fn, _setup in (
+    ("jumprelu", _jumprelu_backward, _save_inputs),
+    ("step", _step_backward, _save_inputs),
+    ("jumprelu_l0", _jumprelu_l0_backward, _save_inputs_keep_missing_grads),
+):
+    _kernel = make_autograd_impl(getattr(ops, _op).counted, Info(_backward_fn, _setup))
+    _counted_lib.impl(f"{_op}.counted", _kernel, "Autograd", with_keyset=True)
 
 
 def _refuse_double_backward(op):

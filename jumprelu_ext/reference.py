@@ -2,7 +2,7 @@
 
 H(u) = 1 iff u > 0; K(u) = 1 iff -1/2 < u < 1/2. Arithmetic in fp32 (fp64 for fp64);
 outputs in pre's dtype, the L0 count in float32, the threshold gradient in the threshold's
-dtype. Tests compare the kernels against this module, and the package falls back to it when the
+dtype; ``fire_counts`` (int64 [F]) gains each feature's rows with a non-zero output. Tests compare the kernels against this module, and the package falls back to it when the
 compiled extension cannot be loaded.
 """
 
@@ -74,6 +74,17 @@ def jumprelu_forward(pre, threshold):
 def step_forward(pre, threshold):
     x, t = _upcast(pre, threshold)
     return _heaviside(x, t).to(pre.dtype)
+
+
+def fire_counts_of(out):
+    """Per feature, the rows where the op's output is non-zero (int64 [F]): what the ops add to
+    ``fire_counts``. NaN != 0, so a NaN output counts; -0.0 == 0 does not."""
+    return sum_leading_dims((out.detach() != 0).to(torch.int64))
+
+
+def _add_fire_counts(fire_counts, out):
+    if fire_counts is not None:
+        fire_counts += fire_counts_of(out)
 
 
 def l0_forward(pre, threshold):
@@ -165,16 +176,40 @@ class _JumpReLUL0(_SavesInputs):
         return _JumpReLUL0._grads(ctx, "jumprelu_l0", grad_acts, False, grad_l0)
 
 
-def jumprelu(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float = 1e-3, ste_to_input: bool = False):
-    check_inputs("jumprelu", pre, threshold, bandwidth, ste_to_input)
-    return _JumpReLU.apply(pre, threshold, bandwidth, ste_to_input)
+def jumprelu(
+    pre: torch.Tensor,
+    threshold: torch.Tensor,
+    bandwidth: float = 1e-3,
+    ste_to_input: bool = False,
+    fire_counts: torch.Tensor | None = None,
+):
+    check_inputs("jumprelu", pre, threshold, bandwidth, ste_to_input, fire_counts)
+    acts = _JumpReLU.apply(pre, threshold, bandwidth, ste_to_input)
+    _add_fire_counts(fire_counts, acts)
+    return acts
 
 
-def step(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float = 1e-3, ste_to_input: bool = False):
-    check_inputs("step", pre, threshold, bandwidth, ste_to_input)
-    return _Step.apply(pre, threshold, bandwidth, ste_to_input)
+def step(
+    pre: torch.Tensor,
+    threshold: torch.Tensor,
+    bandwidth: float = 1e-3,
+    ste_to_input: bool = False,
+    fire_counts: torch.Tensor | None = None,
+):
+    check_inputs("step", pre, threshold, bandwidth, ste_to_input, fire_counts)
+    out = _Step.apply(pre, threshold, bandwidth, ste_to_input)
+    _add_fire_counts(fire_counts, out)
+    return out
 
 
-def jumprelu_l0(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float = 1e-3, ste_to_input: bool = False):
-    check_inputs("jumprelu_l0", pre, threshold, bandwidth, ste_to_input)
-    return _JumpReLUL0.apply(pre, threshold, bandwidth, ste_to_input)
+def jumprelu_l0(
+    pre: torch.Tensor,
+    threshold: torch.Tensor,
+    bandwidth: float = 1e-3,
+    ste_to_input: bool = False,
+    fire_counts: torch.Tensor | None = None,
+):
+    check_inputs("jumprelu_l0", pre, threshold, bandwidth, ste_to_input, fire_counts)
+    acts, l0 = _JumpReLUL0.apply(pre, threshold, bandwidth, ste_to_input)
+    _add_fire_counts(fire_counts, acts)
+    return acts, l0

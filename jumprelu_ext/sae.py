@@ -128,13 +128,15 @@ class JumpReLUSAE(nn.Module):
             raise AttributeError("threshold")
         return p.float()
 
-    def encode(self, x: torch.Tensor):
-        """x [..., d_in] -> (acts [..., d_sae], l0 [...])."""
-        return self.activate(self.pre_acts(x))
+    def encode(self, x: torch.Tensor, fire_counts: torch.Tensor | None = None):
+        """x [..., d_in] -> (acts [..., d_sae], l0 [...]); fire_counts as in ``activate``."""
+        return self.activate(self.pre_acts(x), fire_counts)
 
-    def activate(self, pre: torch.Tensor):
-        """pre [..., d_sae] -> (JumpReLU acts, per-row L0), fused in one op."""
-        return jumprelu_l0(pre, self.threshold, self.bandwidth, self.ste_to_input)
+    def activate(self, pre: torch.Tensor, fire_counts: torch.Tensor | None = None):
+        """pre [..., d_sae] -> (JumpReLU acts, per-row L0), fused in one op. With ``fire_counts``
+        (int64 [d_sae] on the SAE's device) the same pass adds each feature's count of rows with
+        acts != 0 to it: firing statistics without another pass over acts (docs/ops.md#fire-counts)."""
+        return jumprelu_l0(pre, self.threshold, self.bandwidth, self.ste_to_input, fire_counts)
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W_enc + b_enc, after checking the input's width."""
@@ -153,8 +155,8 @@ class JumpReLUSAE(nn.Module):
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
         return F.linear(acts, self.W_dec.t(), self.b_dec)
 
-    def forward(self, x: torch.Tensor) -> SAEOutput:
-        acts, l0 = self.encode(x)
+    def forward(self, x: torch.Tensor, fire_counts: torch.Tensor | None = None) -> SAEOutput:
+        acts, l0 = self.encode(x, fire_counts)
         return SAEOutput(self.decode(acts), acts, l0)
 
     def loss(
@@ -165,6 +167,7 @@ class JumpReLUSAE(nn.Module):
         tanh_scale: float = 4.0,
         pre_act_loss_coefficient: float = 0.0,
         num_rows: int | None = None,
+        fire_counts: torch.Tensor | None = None,
     ) -> "SAELoss":
         """total = mse + λ·sparsity (+ pre-act term); every term a mean over rows, reduced in fp32.
 
@@ -174,11 +177,12 @@ class JumpReLUSAE(nn.Module):
         Σ_i ReLU(θ_i − pre_i)·‖W_dec,i‖ pulls features that never fire back toward their
         threshold; it is only computed when its coefficient is non-zero. Means divide by
         ``num_rows`` (default: this batch's rows; data-parallel training passes the global count).
+        ``fire_counts``: as in ``activate`` (the trainer passes its ``FiringTracker.counts``).
         """
         if sparsity_loss not in SPARSITY_LOSSES:
             raise ValueError(f"JumpReLUSAE.loss: sparsity_loss must be one of {SPARSITY_LOSSES}, got {sparsity_loss!r}")
         pre = self.pre_acts(x)
-        acts, l0 = self.activate(pre)
+        acts, l0 = self.activate(pre, fire_counts)
         out = SAEOutput(self.decode(acts), acts, l0)
         n = x.shape[:-1].numel() if num_rows is None else num_rows  # rows = every leading index
 

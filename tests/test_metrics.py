@@ -106,6 +106,27 @@ def test_tracker_state_round_trip():
         FiringTracker(4).load_state_dict(state)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_tracker_fed_by_the_kernel_equals_update(device):
+    """The trainer's path: the SAE's forward pass adds to tracker.counts, add_tokens records the
+    rows. Same counts and tokens as update(acts) on the same activations, over two batches."""
+    sae = _random_sae(8, 32, device)
+    fed, updated = FiringTracker.for_sae(sae), FiringTracker.for_sae(sae)
+    for x in (_data(60, 8, seed=3), _data(24, 8, seed=4).reshape(4, 6, 8)):
+        x = x.to(device)
+        loss = sae.loss(x, 1e-3, fire_counts=fed.counts)
+        fed.add_tokens(x.shape[:-1].numel())
+        updated.update(loss.output.acts)
+    assert 0 < int(fed.counts.sum()) < 84 * 32, "the test needs some but not all features firing"
+    assert torch.equal(fed.counts, updated.counts) and fed.tokens == updated.tokens == 84
+
+
+@pytest.mark.parametrize("tokens", [-1, 1.5, True, None])
+def test_tracker_add_tokens_rejects_non_counts(tokens):
+    with pytest.raises(ValueError, match="FiringTracker.add_tokens: tokens must be an int >= 0"):
+        FiringTracker(3).add_tokens(tokens)
+
+
 def test_tracker_for_sae():
     sae = JumpReLUSAE(4, 6)
     t = FiringTracker.for_sae(sae)

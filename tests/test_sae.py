@@ -211,6 +211,26 @@ def test_a_feature_range_starts_as_the_same_rows_of_the_whole_sae():
     assert not torch.equal(JumpReLUSAE(D_IN, 3000).W_dec, whole.W_dec)  # the global seed decides
 
 
+def test_fire_counts_from_forward_and_loss():
+    """forward and loss add each feature's rows with acts != 0 to fire_counts, in the same pass,
+    and nothing else changes."""
+    sae = make_sae(init_threshold=0.05)
+    randomize(sae)
+    x = torch.randn(3, BATCH, D_IN, generator=torch.Generator().manual_seed(7))
+    counts = torch.zeros(D_SAE, dtype=torch.int64)
+    out = sae(x, fire_counts=counts)
+    expected = (out.acts != 0).sum((0, 1))
+    assert 0 < int(expected.sum()) < x.shape[0] * BATCH * D_SAE
+    assert torch.equal(counts, expected)
+    plain = sae(x)
+    assert all(torch.equal(a, b) for a, b in zip(out, plain))
+    loss = sae.loss(x, 1e-2, fire_counts=counts)
+    assert torch.equal(counts, 2 * expected)
+    assert torch.equal(loss.total, sae.loss(x, 1e-2).total)
+    with pytest.raises(TypeError, match="jumprelu_l0: fire_counts must be int64"):
+        sae(x, fire_counts=torch.zeros(D_SAE))
+
+
 def test_loss_means_are_over_every_leading_index():
     sae = make_sae(init_threshold=0.1)
     randomize(sae)

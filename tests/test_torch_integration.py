@@ -146,13 +146,15 @@ def test_compile_sae_forward_backward(device):
 
 def test_compile_bare_ops(device):
     """fullgraph compile of all three ops and their backward (incl. mixed precision) matches eager
-    bit for bit: the same kernels run, only the graph around them is compiled."""
+    bit for bit: the same kernels run, only the graph around them is compiled. step and
+    jumprelu_l0 also add to fire-count buffers (inputs mutated inside the graph, through the
+    .counted overloads), which must end as in eager."""
     torch._dynamo.reset()
 
-    def fn(pre, theta, g):
+    def fn(pre, theta, g, counts, step_counts):
         a = jumprelu_ext.jumprelu(pre, theta, EPS)
-        s = jumprelu_ext.step(pre, theta, EPS)
-        acts, l0 = jumprelu_ext.jumprelu_l0(pre, theta, EPS)
+        s = jumprelu_ext.step(pre, theta, EPS, fire_counts=step_counts)
+        acts, l0 = jumprelu_ext.jumprelu_l0(pre, theta, EPS, fire_counts=counts)
         return (a * g).sum() + (s * g).sum() + (acts * g).sum() + l0.sum(), a, s, acts, l0
 
     compiled = torch.compile(fn, fullgraph=True)
@@ -161,13 +163,17 @@ def test_compile_bare_ops(device):
 
     def run(f):
         p, t = pre.clone().requires_grad_(), theta.clone().requires_grad_()
-        loss, *outs = f(p, t, g)
+        counts, step_counts = (torch.full((10,), 7, dtype=torch.int64, device=device) for _ in range(2))
+        loss, *outs = f(p, t, g, counts, step_counts)
         loss.backward()
-        return outs, p.grad, t.grad
+        return [*outs, counts, step_counts], p.grad, t.grad
 
     eager_outs, eager_gp, eager_gt = run(fn)
     outs, gp, gt = run(compiled)
-    for got, expected, name in zip(outs, eager_outs, ["jumprelu", "step", "acts", "l0"]):
+    assert int(eager_outs[-2].sum()) > 7 * 10, "the test needs some features to fire"
+    assert torch.equal(cpu(eager_outs[-2]) - 7, (cpu(eager_outs[2]) != 0).sum(0))
+    names = ["jumprelu", "step", "acts", "l0", "fire_counts", "step fire_counts"]
+    for got, expected, name in zip(outs, eager_outs, names):
         assert_exact(got, expected, name)
     assert_exact(gp, eager_gp, "grad_pre")
     assert cpu(eager_gt).abs().sum() > 0

@@ -39,8 +39,8 @@ class FeatureShardedSAE(JumpReLUSAE):
         partial = torch.nn.functional.linear(acts, self.W_dec.t())
         return _SumOverRanks.apply(partial) + self.b_dec
 
-    def activate(self, pre):
-        acts, l0 = super().activate(pre)
+    def activate(self, pre, fire_counts=None):
+        acts, l0 = super().activate(pre, fire_counts)  # fire counts: this rank's features
         return acts, _SumOverRanks.apply(l0)
 
     def sum_over_features(self, per_row):

@@ -8,7 +8,7 @@
 "Fired" means ``acts != 0``. A JumpReLU output is ``pre * H(pre - θ)`` with θ > 0, so a feature
 that fired has ``acts = pre > θ > 0``; one that did not has ``+0.0`` or, for a negative ``pre``,
 ``-0.0`` (``pre * 0``). ``-0.0 == 0`` is True in IEEE arithmetic, so ``-0.0`` is (correctly)
-not counted as firing.
+not counted as firing. The ops' ``fire_counts`` count exactly this (docs/ops.md#fire-counts).
 """
 
 from collections.abc import Iterable
@@ -23,7 +23,10 @@ __all__ = ["FiringTracker", "evaluate", "density_histogram", "DensityHistogram"]
 class FiringTracker:
     """Counts, per feature, the tokens it fired on (int64 [d_sae], on ``device``) and the tokens seen.
 
-    ``update(acts)`` takes acts of shape [..., d_sae]; every leading index is one token.
+    The counts come from the forward kernel: pass ``counts`` as the SAE's (or op's)
+    ``fire_counts`` and the pass adds each feature's fires to it, then call
+    ``add_tokens(rows)`` for the rows that pass covered. No second pass over the activations.
+    ``update(acts)`` does both from acts of shape [..., d_sae] (one extra [tokens, d_sae] pass).
     Rates and fractions are NaN while no token has been seen (an empty window says nothing).
     """
 
@@ -38,6 +41,12 @@ class FiringTracker:
     def for_sae(cls, sae) -> "FiringTracker":
         """A tracker sized for ``sae`` and on its device."""
         return cls(sae.d_sae, device=sae.W_dec.device)
+
+    def add_tokens(self, tokens: int) -> None:
+        """Record ``tokens`` more tokens, whose fires a forward pass has added to ``counts``."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"FiringTracker.add_tokens: tokens must be an int >= 0, got {tokens!r}")
+        self.tokens += tokens
 
     @torch.no_grad()
     def update(self, acts: torch.Tensor) -> None:
@@ -126,11 +135,11 @@ def evaluate(sae, batches: Iterable[torch.Tensor], input_scale: float = 1.0, den
                 nb = x.shape[0]
                 if nb == 0:
                     continue
-                out = sae(x.to(fdtype))
+                out = sae(x.to(fdtype), fire_counts=tracker.counts)  # the kernel counts fires
+                tracker.add_tokens(nb)
                 err = (x - out.reconstruction.float()).pow(2).sum(-1)
                 sum_err += err.double().sum()
                 sum_l0 += out.l0.double().sum()
-                tracker.update(out.acts)
 
                 xd = x.double()
                 mean_b = xd.mean(0)
