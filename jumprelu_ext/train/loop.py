@@ -151,6 +151,7 @@ def train(cfg, layout, device) -> int:
                         tanh_scale=cfg.tanh_scale,
                         pre_act_loss_coefficient=cfg.pre_act_loss_coefficient,
                         num_rows=rows,
+                        fire_counts=member.firing.counts,  # the forward kernel adds this batch's fires
                     )
                 member.optimizer.zero_grad(set_to_none=True)
                 loss.total.backward()
@@ -163,7 +164,7 @@ def train(cfg, layout, device) -> int:
                 keep_threshold_nonnegative(sae)
                 if member.cfg.target_l0 is not None:
                     member.coefficient.observe(distributed.global_mean(loss.l0, layout))
-                member.firing.update(loss.output.acts)
+                member.firing.add_tokens(x.shape[0])
                 # Kept for the log line without the activations, which a sweep would hold once per SAE.
                 member.last = (loss.total.detach(), loss.mse.detach(), loss.l0.detach(), l0_coefficient, grad_norm)
             step += 1

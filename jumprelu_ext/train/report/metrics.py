@@ -26,7 +26,6 @@ class FiringTracker:
     The counts come from the forward kernel: pass ``counts`` as the SAE's (or op's)
     ``fire_counts`` and the pass adds each feature's fires to it, then call
     ``add_tokens(rows)`` for the rows that pass covered. No second pass over the activations.
-    ``update(acts)`` does both from acts of shape [..., d_sae] (one extra [tokens, d_sae] pass).
     Rates and fractions are NaN while no token has been seen (an empty window says nothing).
     """
 
@@ -47,14 +46,6 @@ class FiringTracker:
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
             raise ValueError(f"FiringTracker.add_tokens: tokens must be an int >= 0, got {tokens!r}")
         self.tokens += tokens
-
-    @torch.no_grad()
-    def update(self, acts: torch.Tensor) -> None:
-        if acts.dim() < 1 or acts.shape[-1] != self.d_sae:
-            raise ValueError(f"FiringTracker.update: expected acts [..., {self.d_sae}], got shape {tuple(acts.shape)}")
-        fired = (acts.detach() != 0).reshape(-1, self.d_sae)  # -0.0 != 0 is False: not fired
-        self.counts += fired.sum(0, dtype=torch.int64).to(self.counts.device)
-        self.tokens += fired.shape[0]
 
     def firing_rate(self) -> torch.Tensor:
         """Fraction of tracked tokens each feature fired on (float64 [d_sae]; NaN if no tokens)."""
