@@ -16,7 +16,8 @@ Every measurement runs in a process of its own (peak RSS is per process):
 
 Rates are the trainer's whole-loop ``train_tokens_per_s`` (eval.json) or, for ``harvest``, the same
 count over the same loop of batches; start-up (model load, held-out set, first fill) is outside
-all three. Peak RSS is the process's ``ru_maxrss``; the RSS is also sampled every few seconds, so
+all three (a run stopped by SIGTERM reports the steps it logged and their median rate). Peak RSS
+is the process's ``ru_maxrss``; the RSS is also sampled every few seconds, so
 a row shows whether it levels off or keeps growing. ``cpu_cores`` is the process's CPU time over
 its wall time (how many cores it kept busy). ``--expansion-factor`` sets the SAE's size in
 ``train`` and ``stream`` (8, the preset's, by default; a smaller SAE makes a long run
@@ -35,6 +36,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,7 +57,7 @@ def _train_flags(out: Path, steps: int, buffer_tokens: int) -> list[str]:
         "--steps",
         str(steps),
         "--log-every",
-        str(steps),
+        str(max(1, steps // 50)),  # progress in metrics.jsonl: a run stopped early still reports
         "--checkpoint-every",
         "0",
         "--device",
@@ -118,8 +120,15 @@ def _measure(mode: str, tokens: int, buffer_tokens: int, cache: str, out: Path, 
             flags = ["--activations", cache, "--batch-size", str(BATCH), *flags]
             flags += ["--lr", "7e-4", "--threshold-lr", "2e-2", "--init-threshold", "0.02", "--bandwidth", "0.01"]
             flags += ["--l0-coefficient", "4e-3"]
-        assert loop.main(flags) == 0
-        rate = json.loads((out / "eval.json").read_text())["train_tokens_per_s"]
+        code = loop.main(flags)
+        logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        if code == 0:
+            rate = json.loads((out / "eval.json").read_text())["train_tokens_per_s"]
+        elif code > 128 and logged:  # stopped by a signal (SIGTERM to this process): what it did until then
+            rate = statistics.median(row["tokens_per_s"] for row in logged)
+            return {"mode": mode, "train_tokens": logged[-1]["step"] * BATCH, "tokens_per_s": rate, "stopped": True}
+        else:
+            raise SystemExit(f"the trainer exited with {code}")
     return {"mode": mode, "train_tokens": steps * BATCH, "tokens_per_s": rate}
 
 
@@ -136,7 +145,7 @@ def main() -> None:
         mode, tokens, buffer_tokens, cache = args.child
         with tempfile.TemporaryDirectory() as tmp:
             row = child(mode, int(tokens), int(buffer_tokens), cache, Path(tmp) / "run", args.expansion_factor)
-            print("RESULT " + json.dumps(row))
+            print("RESULT " + json.dumps(row), flush=True)
         return
 
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -181,7 +190,8 @@ def main() -> None:
                     f.write(json.dumps(row) + "\n")
                 print(
                     f"{row['mode']:8s} {row['train_tokens']:>9d} tokens  {row['tokens_per_s']:>9.0f} tok/s  "
-                    f"peak RSS {row['peak_rss_mib']:7.0f} MiB  {row['cpu_cores']:.2f} cores busy",
+                    f"peak RSS {row['peak_rss_mib']:7.0f} MiB  {row['cpu_cores']:.2f} cores busy"
+                    + (f"  (stopped early; {tokens} planned)" if row.get("stopped") else ""),
                     flush=True,
                 )
     _summarise(rows)

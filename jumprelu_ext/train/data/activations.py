@@ -243,7 +243,8 @@ class _ReadAhead:
             except BaseException as e:  # handed to the caller's thread
                 self._box["error"] = e
 
-        self._thread = threading.Thread(target=work, name="jumprelu-ext-read-ahead", daemon=True)
+        # Not a daemon, like the stream's producer: an early exit waits for this one read.
+        self._thread = threading.Thread(target=work, name="jumprelu-ext-read-ahead")
         self._thread.start()
 
     def result(self) -> torch.Tensor:
