@@ -157,7 +157,7 @@ def main() -> None:
         "expansion_factor": args.expansion_factor,
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
-        "device": platform.processor() or platform.machine(),
+        "device": _cpu_name(),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     }
@@ -196,6 +196,14 @@ def main() -> None:
                 )
     _summarise(rows)
     print(f"results in {results}")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
 
 
 def _summarise(rows: list[dict]) -> None:
