@@ -69,6 +69,18 @@ def test_read_safetensors_bf16(tmp_path):
     torch.testing.assert_close(store.rows(np.arange(6)), data.float(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_read_safetensors_rows_after_another_tensor(tmp_path, dtype):
+    # "aaa" is stored first, so the rows start at a non-zero offset into the data section.
+    data = np.random.default_rng(2).standard_normal((40, 5)).astype(dtype)
+    save_file({"aaa": np.ones(7, np.float64), "activations": data}, str(tmp_path / "x.safetensors"))
+    store = open_activations(tmp_path / "x.safetensors")
+    header = 8 + int.from_bytes((tmp_path / "x.safetensors").read_bytes()[:8], "little")
+    assert store.shards[0]._data_offset == header + 7 * 8  # after the 7 float64s of "aaa"
+    idx = np.array([39, 0, 17, 18, 5])
+    np.testing.assert_array_equal(store.rows(idx).numpy(), data[idx].astype(np.float32))
+
+
 def test_folder_gathers_across_shards_in_requested_order(mixed_folder):
     store = open_activations(mixed_folder, expected_d_in=4)
     assert (store.num_rows, store.d_in, len(store.shards)) == (22, 4, 3)

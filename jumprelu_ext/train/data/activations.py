@@ -1,9 +1,9 @@
 """Reading cached activations for SAE training.
 
 Activations live on disk as ``.npy`` or ``.safetensors`` files of shape [N, d_in], or as a folder
-of such shards. ``open_activations`` indexes them without loading them (``.npy`` is memory-mapped,
-safetensors slices are read on demand), ``ShuffledBatches`` turns them into an exactly resumable
-stream of finite fp32 batches, and ``estimate_scale`` finds the one scalar c with E‖c·x‖² = 1
+of such shards. ``open_activations`` indexes them without loading them (rows of both formats are
+read through a memory map), ``ShuffledBatches`` turns them into an exactly resumable stream of
+finite fp32 batches (the next one read on a background thread), and ``estimate_scale`` finds the one scalar c with E‖c·x‖² = 1
 that the recipe's ε and θ₀ are calibrated for (docs/method.md#input-scale).
 """
 
