@@ -3,8 +3,9 @@
 Activations live on disk as ``.npy`` or ``.safetensors`` files of shape [N, d_in], or as a folder
 of such shards. ``open_activations`` indexes them without loading them (rows of both formats are
 read through a memory map), ``ShuffledBatches`` turns them into an exactly resumable stream of
-finite fp32 batches (the next one read on a background thread), and ``estimate_scale`` finds the one scalar c with E‖c·x‖² = 1
-that the recipe's ε and θ₀ are calibrated for (docs/method.md#input-scale).
+finite fp32 batches (the next one read on a background thread), and ``estimate_scale`` finds the
+one scalar c with E‖c·x‖² = 1 that the recipe's ε and θ₀ are calibrated for
+(docs/method.md#input-scale).
 """
 
 from __future__ import annotations
