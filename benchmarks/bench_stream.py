@@ -16,8 +16,17 @@ Every measurement runs in a process of its own (peak RSS is per process):
 
 Rates are the trainer's whole-loop ``train_tokens_per_s`` (eval.json) or, for ``harvest``, the same
 count over the same loop of batches; start-up (model load, held-out set, first fill) is outside
-all three. Peak RSS is the process's ``ru_maxrss``. A row per measurement goes to
-``benchmarks/results/<time>_cpu_stream.jsonl`` and a table to stdout.
+all three (a run stopped by SIGTERM reports the steps it logged and their median rate). Peak RSS
+is the process's ``ru_maxrss``; the RSS is also sampled every few seconds, so
+a row shows whether it levels off or keeps growing. ``cpu_cores`` is the process's CPU time over
+its wall time (how many cores it kept busy). ``--expansion-factor`` sets the SAE's size in
+``train`` and ``stream`` (8, the preset's, by default; a smaller SAE makes a long run
+harvest-bound and quicker). A row per measurement goes to
+``benchmarks/results/<time>_cpu_stream.jsonl``, a table and the ratios to stdout:
+
+- streamed / the slower of harvest and train alone (the overlap target), and streamed / the
+  serial rate 1 / (1/harvest + 1/train) (what running the two one after the other would give);
+- peak RSS of the largest streamed run / that of the smallest (the bounded-memory target).
 """
 
 from __future__ import annotations
@@ -25,12 +34,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 4096
@@ -43,7 +57,7 @@ def _train_flags(out: Path, steps: int, buffer_tokens: int) -> list[str]:
         "--steps",
         str(steps),
         "--log-every",
-        str(steps),
+        str(max(1, steps // 50)),  # progress in metrics.jsonl: a run stopped early still reports
         "--checkpoint-every",
         "0",
         "--device",
@@ -57,8 +71,32 @@ def _train_flags(out: Path, steps: int, buffer_tokens: int) -> list[str]:
     ]
 
 
-def child(mode: str, tokens: int, buffer_tokens: int, cache: str, out: Path) -> dict:
-    """One measurement in this process: tokens/s over the loop and the process's peak RSS."""
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _sample_rss(samples: list, stop: threading.Event, every: float) -> None:
+    start = time.perf_counter()
+    while not stop.wait(every):
+        samples.append([round(time.perf_counter() - start, 1), round(_rss_mib())])
+
+
+def child(mode: str, tokens: int, buffer_tokens: int, cache: str, out: Path, expansion: int) -> dict:
+    """One measurement in this process: tokens/s over the loop, the process's peak RSS, RSS samples."""
+    samples, stop = [], threading.Event()
+    sampler = threading.Thread(target=_sample_rss, args=(samples, stop, 5.0), daemon=True)
+    sampler.start()
+    wall, cpu = time.perf_counter(), time.process_time()
+    row = _measure(mode, tokens, buffer_tokens, cache, out, expansion)
+    cores = (time.process_time() - cpu) / (time.perf_counter() - wall)
+    stop.set()
+    sampler.join()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {**row, "peak_rss_mib": peak, "cpu_cores": round(cores, 2), "rss_samples": samples}
+
+
+def _measure(mode: str, tokens: int, buffer_tokens: int, cache: str, out: Path, expansion: int) -> dict:
     steps = max(1, tokens // BATCH)
     if mode == "harvest":
         from jumprelu_ext.train import distributed
@@ -77,15 +115,21 @@ def child(mode: str, tokens: int, buffer_tokens: int, cache: str, out: Path) -> 
     else:
         from jumprelu_ext.train import loop
 
-        flags = _train_flags(out, steps, buffer_tokens)
+        flags = [*_train_flags(out, steps, buffer_tokens), "--expansion-factor", str(expansion)]
         if mode == "train":
-            flags = ["--activations", cache, "--expansion-factor", "8", "--batch-size", str(BATCH), *flags]
+            flags = ["--activations", cache, "--batch-size", str(BATCH), *flags]
             flags += ["--lr", "7e-4", "--threshold-lr", "2e-2", "--init-threshold", "0.02", "--bandwidth", "0.01"]
             flags += ["--l0-coefficient", "4e-3"]
-        assert loop.main(flags) == 0
-        rate = json.loads((out / "eval.json").read_text())["train_tokens_per_s"]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"mode": mode, "train_tokens": steps * BATCH, "tokens_per_s": rate, "peak_rss_mib": peak}
+        code = loop.main(flags)
+        logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        if code == 0:
+            rate = json.loads((out / "eval.json").read_text())["train_tokens_per_s"]
+        elif code > 128 and logged:  # stopped by a signal (SIGTERM to this process): what it did until then
+            rate = statistics.median(row["tokens_per_s"] for row in logged)
+            return {"mode": mode, "train_tokens": logged[-1]["step"] * BATCH, "tokens_per_s": rate, "stopped": True}
+        else:
+            raise SystemExit(f"the trainer exited with {code}")
+    return {"mode": mode, "train_tokens": steps * BATCH, "tokens_per_s": rate}
 
 
 def main() -> None:
@@ -94,18 +138,29 @@ def main() -> None:
     p.add_argument("--buffer-tokens", type=int, default=32768, help="rows per fill (smaller than the text)")
     p.add_argument("--modes", default="harvest,train,stream", help="which measurements, comma-separated")
     p.add_argument("--rate-tokens", type=int, default=None, help="run harvest and train only at this count")
+    p.add_argument("--expansion-factor", type=int, default=8, help="the SAE's d_sae / d_model in train and stream")
     p.add_argument("--child", nargs=4, metavar=("MODE", "TOKENS", "BUFFER", "CACHE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         mode, tokens, buffer_tokens, cache = args.child
         with tempfile.TemporaryDirectory() as tmp:
-            print("RESULT " + json.dumps(child(mode, int(tokens), int(buffer_tokens), cache, Path(tmp) / "run")))
+            row = child(mode, int(tokens), int(buffer_tokens), cache, Path(tmp) / "run", args.expansion_factor)
+            print("RESULT " + json.dumps(row), flush=True)
         return
 
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     results = ROOT / "benchmarks" / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}_cpu_stream.jsonl"
     results.parent.mkdir(exist_ok=True)
     rows = []
+    setting = {
+        "buffer_tokens": args.buffer_tokens,
+        "expansion_factor": args.expansion_factor,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "device": _cpu_name(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache"
         modes = args.modes.split(",")
@@ -124,20 +179,49 @@ def main() -> None:
                 if args.rate_tokens and mode != "stream" and tokens != args.rate_tokens:
                     continue
                 command = [sys.executable, __file__, "--child", mode, str(tokens), str(args.buffer_tokens), str(cache)]
+                command += ["--expansion-factor", str(args.expansion_factor)]
                 done = subprocess.run(command, capture_output=True, text=True, env=env)
                 line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
                     sys.exit(f"{mode} at {tokens} tokens failed:\n{done.stderr[-3000:]}")
-                row = {**json.loads(line[7:]), "buffer_tokens": args.buffer_tokens, "threads": os.cpu_count()}
+                row = {**json.loads(line[7:]), **setting}
                 rows.append(row)
                 with results.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(
                     f"{row['mode']:8s} {row['train_tokens']:>9d} tokens  {row['tokens_per_s']:>9.0f} tok/s  "
-                    f"peak RSS {row['peak_rss_mib']:7.0f} MiB",
+                    f"peak RSS {row['peak_rss_mib']:7.0f} MiB  {row['cpu_cores']:.2f} cores busy"
+                    + (f"  (stopped early; {tokens} planned)" if row.get("stopped") else ""),
                     flush=True,
                 )
+    _summarise(rows)
     print(f"results in {results}")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+def _summarise(rows: list[dict]) -> None:
+    """The overlap ratio at the count where all three ran, and the peak-RSS ratio of the streamed runs."""
+    by = {(r["mode"], r["train_tokens"]): r for r in rows}
+    for (mode, tokens), stream in sorted(by.items()):
+        if mode != "stream" or ("harvest", tokens) not in by or ("train", tokens) not in by:
+            continue
+        harvest, train = by["harvest", tokens]["tokens_per_s"], by["train", tokens]["tokens_per_s"]
+        rate = stream["tokens_per_s"]
+        print(
+            f"at {tokens} tokens: streamed / slower alone = {rate / min(harvest, train):.2f}, "
+            f"streamed / serial (1/(1/harvest + 1/train)) = {rate * (1 / harvest + 1 / train):.2f}"
+        )
+    streams = sorted((r["train_tokens"], r["peak_rss_mib"]) for r in rows if r["mode"] == "stream")
+    if len(streams) > 1:
+        (small, small_rss), (large, large_rss) = streams[0], streams[-1]
+        print(f"peak RSS, streamed {large} / {small} tokens = {large_rss / small_rss:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Tests for jumprelu_ext.train.data.activations: reading shards, batching, resume, holdout, input scale."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -65,6 +67,18 @@ def test_read_safetensors_bf16(tmp_path):
     save_torch({"activations": data}, str(tmp_path / "x.safetensors"))
     store = open_activations(tmp_path / "x.safetensors")
     torch.testing.assert_close(store.rows(np.arange(6)), data.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_read_safetensors_rows_after_another_tensor(tmp_path, dtype):
+    # "aaa" is stored first, so the rows start at a non-zero offset into the data section.
+    data = np.random.default_rng(2).standard_normal((40, 5)).astype(dtype)
+    save_file({"aaa": np.ones(7, np.float64), "activations": data}, str(tmp_path / "x.safetensors"))
+    store = open_activations(tmp_path / "x.safetensors")
+    header = 8 + int.from_bytes((tmp_path / "x.safetensors").read_bytes()[:8], "little")
+    assert store.shards[0]._data_offset == header + 7 * 8  # after the 7 float64s of "aaa"
+    idx = np.array([39, 0, 17, 18, 5])
+    np.testing.assert_array_equal(store.rows(idx).numpy(), data[idx].astype(np.float32))
 
 
 def test_folder_gathers_across_shards_in_requested_order(mixed_folder):
@@ -306,3 +320,77 @@ def test_estimate_scale_zero_data(tmp_path):
     np.save(tmp_path / "z.npy", np.zeros((10, 3), np.float32))
     with pytest.raises(ActivationError, match="mean"):
         estimate_scale(open_activations(tmp_path / "z.npy"))
+
+
+# ---------- reading ahead ----------
+
+READ_AHEAD_THREAD = "jumprelu-ext-read-ahead"
+
+
+def read_ahead_threads():
+    return [t for t in threading.enumerate() if t.name == READ_AHEAD_THREAD]
+
+
+@pytest.fixture
+def safetensors_folder(tmp_path):
+    """Two safetensors shards, 12 + 9 rows of width 3, what the cache writes."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    save_file({"activations": distinct_rows(12, 3, 0)}, str(folder / "shard_00000.safetensors"))
+    save_file({"activations": distinct_rows(9, 3, 12)}, str(folder / "shard_00001.safetensors"))
+    return folder
+
+
+def test_read_ahead_gives_the_same_batches_and_resumes_exactly(mixed_folder):
+    store = open_activations(mixed_folder)
+    plain = ShuffledBatches(store, batch_size=5, seed=4, read_ahead=False)
+    ahead = ShuffledBatches(store, batch_size=5, seed=4)
+    for _ in range(13):  # 65 positions: crosses two epoch ends of 22 rows
+        assert torch.equal(next(ahead), next(plain))
+        assert ahead.state_dict() == plain.state_dict()  # what was read ahead is not counted as served
+    state = plain.state_dict()
+    expected = [next(plain) for _ in range(4)]
+    ahead.load_state_dict(state)  # drops the batch it read ahead for the old position
+    next(ahead)
+    ahead.load_state_dict(state)
+    assert all(torch.equal(next(ahead), want) for want in expected)
+    ahead.close()
+    assert not read_ahead_threads()
+
+
+def test_read_ahead_stops_at_total_rows_and_close_leaves_no_thread(safetensors_folder):
+    store = open_activations(safetensors_folder)
+    it = ShuffledBatches(store, batch_size=4, seed=0, total_rows=3 * 4)
+    for _ in range(3):
+        next(it)
+    assert it._pending is None and not read_ahead_threads()  # the run's last batch: nothing read past it
+    endless = ShuffledBatches(store, batch_size=4, seed=0)
+    next(endless)
+    assert endless._pending is not None
+    endless.close()
+    assert endless._pending is None and not read_ahead_threads()
+
+
+def test_a_shard_damaged_during_the_run_is_named_from_the_read_ahead_thread(safetensors_folder):
+    store = open_activations(safetensors_folder)
+    damaged = safetensors_folder / "shard_00001.safetensors"
+    readers = []
+
+    class DamagedAfterFirstRead:
+        """The store, with the second shard truncated just before the second read."""
+
+        num_rows = store.num_rows
+
+        def rows(self, indices):
+            readers.append(threading.current_thread().name)
+            if len(readers) == 2:
+                damaged.write_bytes(damaged.read_bytes()[:-20])
+            return store.rows(indices)
+
+    it = ShuffledBatches(DamagedAfterFirstRead(), batch_size=16, seed=0)  # 16 of 21 rows: both shards
+    next(it)
+    with pytest.raises(ActivationError, match=r"shard_00001\.safetensors: cannot read its rows") as error:
+        next(it)
+    assert readers == ["MainThread", READ_AHEAD_THREAD]
+    assert "\n" not in str(error.value)
+    assert not read_ahead_threads()

@@ -1,21 +1,24 @@
 """Reading cached activations for SAE training.
 
 Activations live on disk as ``.npy`` or ``.safetensors`` files of shape [N, d_in], or as a folder
-of such shards. ``open_activations`` indexes them without loading them (``.npy`` is memory-mapped,
-safetensors slices are read on demand), ``ShuffledBatches`` turns them into an exactly resumable
-stream of finite fp32 batches, and ``estimate_scale`` finds the one scalar c with E‖c·x‖² = 1
-that the recipe's ε and θ₀ are calibrated for (docs/method.md#input-scale).
+of such shards. ``open_activations`` indexes them without loading them (rows of both formats are
+read through a memory map), ``ShuffledBatches`` turns them into an exactly resumable stream of
+finite fp32 batches (the next one read on a background thread), and ``estimate_scale`` finds the
+one scalar c with E‖c·x‖² = 1 that the recipe's ε and θ₀ are calibrated for
+(docs/method.md#input-scale).
 """
 
 from __future__ import annotations
 
+import json
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 __all__ = [
     "ActivationError",
@@ -93,6 +96,12 @@ class _Shard:
         if st_dtype not in _ST_DTYPES:
             raise ActivationError(f"{self.path}: unsupported dtype {st_dtype} (expected one of {sorted(_ST_DTYPES)})")
         self.dtype = _ST_DTYPES[st_dtype]
+        # Where the tensor's bytes are (safe_open has checked the header): rows are then read
+        # through a memory map like .npy, touching only their own pages.
+        with open(self.path, "rb") as f:
+            header_bytes = int.from_bytes(f.read(8), "little")
+            begin = json.loads(f.read(header_bytes))[self._name]["data_offsets"][0]
+        self._data_offset = 8 + header_bytes + begin
 
     def read(self, local: np.ndarray) -> torch.Tensor:
         """Rows ``local`` (sorted ascending) of this shard as an fp32 tensor."""
@@ -100,11 +109,15 @@ class _Shard:
             # fp64 values beyond the fp32 range become inf here, and the batcher drops them as non-finite.
             with np.errstate(over="ignore"):
                 return torch.from_numpy(np.asarray(self._array[local], dtype=np.float32))
-        # safetensors slices only take ranges: read the covering range, then pick rows from it.
-        lo, hi = int(local[0]), int(local[-1]) + 1
-        with safe_open(str(self.path), framework="pt") as f:
-            block = f.get_slice(self._name)[lo:hi]
-        return block[torch.from_numpy(local - lo)].to(torch.float32)
+        # Mapped afresh for each read: a file truncated since it was opened is an error here, not a
+        # SIGBUS when a missing page is touched. bfloat16, which numpy lacks, is read as its bits.
+        stored = np.uint16 if self.dtype == "bfloat16" else np.dtype(self.dtype).newbyteorder("<")
+        try:
+            array = np.memmap(self.path, dtype=stored, mode="r", offset=self._data_offset, shape=tuple(self.shape))
+        except (OSError, ValueError) as e:
+            raise ActivationError(f"{self.path}: cannot read its rows ({first_line(e)}): truncated or replaced?") from e
+        block = torch.from_numpy(np.ascontiguousarray(array[local]))
+        return (block.view(torch.bfloat16) if self.dtype == "bfloat16" else block).to(torch.float32)
 
 
 class ActivationStore:
@@ -191,8 +204,6 @@ def open_activations(path, expected_d_in: int | None = None) -> ActivationStore:
 def _check_manifest(folder: Path, files: list[Path]) -> None:
     """A folder written by ``python -m jumprelu_ext.cache`` lists its shards' byte sizes in
     meta.json: a shard of another size is truncated or was replaced. (Cheap: no data is read.)"""
-    import json
-
     try:
         listed = json.loads((folder / "meta.json").read_text())["shard_files"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -220,6 +231,33 @@ def split_holdout(store_or_num_rows, fraction: float, seed: int) -> tuple[np.nda
     return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
 
 
+class _ReadAhead:
+    """One batch's rows read on a background thread: ``result()`` waits for them and raises, on the
+    caller's thread, whatever the read raised (an ActivationError naming the shard)."""
+
+    def __init__(self, key: tuple[int, int], plan, read):
+        self.key, self.plan, self._box = key, plan, {}
+
+        def work():
+            try:
+                self._box["rows"] = read(plan[0])
+            except BaseException as e:  # handed to the caller's thread
+                self._box["error"] = e
+
+        # Not a daemon, like the stream's producer: an early exit waits for this one read.
+        self._thread = threading.Thread(target=work, name="jumprelu-ext-read-ahead")
+        self._thread.start()
+
+    def result(self) -> torch.Tensor:
+        self._thread.join()
+        if "error" in self._box:
+            raise self._box["error"]
+        return self._box["rows"]
+
+    def join(self) -> None:
+        self._thread.join()
+
+
 class ShuffledBatches:
     """Endless fp32 batches on ``device``, reshuffled every epoch, exactly resumable.
 
@@ -232,9 +270,24 @@ class ShuffledBatches:
     ``shard=(rank, world_size)`` is for data-parallel training: every rank walks the same global
     stream and reads only its contiguous share of each global batch, so the ranks' batches
     together are exactly the single-process batch, whatever the world size.
+
+    With ``read_ahead`` (the default) the next batch's rows are read from the store on a
+    background thread while the caller trains on this one: the same batches, one batch of memory
+    more. ``total_rows`` (steps × batch size) stops it reading past the run's last batch, so no
+    thread is left when the run ends; ``close()`` waits for one in any case.
     """
 
-    def __init__(self, store, batch_size: int, seed: int = 0, device="cpu", indices=None, shard=(0, 1)):
+    def __init__(
+        self,
+        store,
+        batch_size: int,
+        seed: int = 0,
+        device="cpu",
+        indices=None,
+        shard=(0, 1),
+        read_ahead: bool = True,
+        total_rows: int | None = None,
+    ):
         if batch_size <= 0:
             raise ActivationError(f"batch_size must be positive, got {batch_size}")
         self.store = store
@@ -252,38 +305,57 @@ class ShuffledBatches:
         self.position = 0
         self.dropped_rows = 0
         self._perm_epoch = None  # epoch whose permutation is cached in self._perm
+        self.read_ahead, self.total_rows = read_ahead, total_rows
+        self._pending: _ReadAhead | None = None
 
-    def _permutation(self) -> np.ndarray:
-        if self._perm_epoch != self.epoch:
-            rng = np.random.Generator(np.random.PCG64(self.seed + self.epoch))
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._perm_epoch != epoch:
+            rng = np.random.Generator(np.random.PCG64(self.seed + epoch))
             self._perm = self.indices[rng.permutation(self.indices.size)]
-            self._perm_epoch = self.epoch
+            self._perm_epoch = epoch
         return self._perm
 
-    def _next_global_batch(self) -> np.ndarray:
-        """Row numbers at the next batch_size stream positions, advancing the position."""
+    def _plan(self, epoch: int, position: int) -> tuple[np.ndarray, int, int]:
+        """(this rank's row numbers of the batch at stream position (epoch, position), the epoch and
+        position after it)."""
         parts, need = [], self.batch_size
         while need:
-            perm = self._permutation()
-            take = perm[self.position : self.position + need]
+            perm = self._permutation(epoch)
+            take = perm[position : position + need]
             parts.append(take)
             need -= take.size
-            self.position += take.size
-            if self.position >= perm.size:
-                self.epoch, self.position = self.epoch + 1, 0
-        return np.concatenate(parts)
+            position += take.size
+            if position >= perm.size:
+                epoch, position = epoch + 1, 0
+        rows = np.concatenate(parts)
+        share = -(-rows.size // self.world_size)  # ceil: the last rank may get fewer rows
+        return rows[self.rank * share : (self.rank + 1) * share], epoch, position
 
     def __iter__(self):
         return self
 
     def __next__(self) -> torch.Tensor:
-        rows = self._next_global_batch()
-        share = -(-rows.size // self.world_size)  # ceil: the last rank may get fewer rows
-        x = self.store.rows(rows[self.rank * share : (self.rank + 1) * share])
+        key, pending = (self.epoch, self.position), self._pending
+        self._pending = None
+        if pending is not None and pending.key == key:
+            (_, self.epoch, self.position), x = pending.plan, pending.result()
+        else:
+            rows, self.epoch, self.position = self._plan(*key)
+            x = self.store.rows(rows)
+        served = self.epoch * self.indices.size + self.position  # stream positions so far
+        if self.read_ahead and (self.total_rows is None or served < self.total_rows):
+            after = (self.epoch, self.position)
+            self._pending = _ReadAhead(after, self._plan(*after), self.store.rows)
         finite = torch.isfinite(x).all(dim=1)
         kept = int(finite.sum())
         self.dropped_rows += x.shape[0] - kept
         return (x if kept == x.shape[0] else x[finite]).to(self.device)
+
+    def close(self) -> None:
+        """Wait for a batch being read in the background and drop it."""
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
 
     def state_dict(self) -> dict:
         return {
@@ -303,6 +375,7 @@ class ShuffledBatches:
             )
         if not 0 <= state["position"] < self.indices.size:
             raise ActivationError(f"state position {state['position']} outside [0, {self.indices.size})")
+        self.close()  # a batch read ahead for the old position is not needed
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
         self.dropped_rows = int(state["dropped_rows"])

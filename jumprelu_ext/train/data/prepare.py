@@ -96,7 +96,15 @@ def _from_files(cfg, device, layout) -> TrainingData:
         train_idx, eval_idx = split_holdout(store, cfg.eval_fraction, cfg.seed)
     source = str(cfg.activations)
     _check_batch_size(cfg, train_idx.size, source)
-    train = ShuffledBatches(store, cfg.batch_size, cfg.seed, device, indices=train_idx, shard=layout.data_shard)
+    train = ShuffledBatches(
+        store,
+        cfg.batch_size,
+        cfg.seed,
+        device,
+        indices=train_idx,
+        shard=layout.data_shard,
+        total_rows=cfg.steps * cfg.batch_size,  # nothing is read ahead beyond the last step's batch
+    )
     return TrainingData(
         train=train,
         eval_store=eval_store,

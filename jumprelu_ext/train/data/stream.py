@@ -245,7 +245,9 @@ class StreamedBatches:
             except BaseException as e:  # handed to the main thread, raised there
                 box["error"] = e
 
-        thread = threading.Thread(target=work, name="jumprelu-ext-stream-producer", daemon=True)
+        # Not a daemon: a run that stops early (SIGTERM, an error) exits after the fill in progress
+        # instead of finalising the interpreter under a forward pass, which can abort the process.
+        thread = threading.Thread(target=work, name="jumprelu-ext-stream-producer")
         self._producer = (start, thread, box)
         thread.start()
 
