@@ -187,6 +187,7 @@ def train(cfg, layout, device) -> int:
                 checkpoint()
     bar.close()
     run_seconds = time.perf_counter() - run_start
+    data.train.close()  # join the producer / read-ahead thread: nothing reads past the loop
     for member in members:
         if member.run_log:
             member.run_log.close()
