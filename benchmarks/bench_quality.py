@@ -91,7 +91,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", nargs="+", type=int, default=[1000], help="training lengths to sweep (e.g. 1000 3000)")
     p.add_argument("--lambdas-ours", nargs="+", type=float, default=DEFAULT_LAMBDAS["ours"])
     p.add_argument("--lambdas-saelens", nargs="+", type=float, default=DEFAULT_LAMBDAS["saelens"])
-    p.add_argument("--ours-args", default="", help="extra flags for our trainer, one string (e.g. '--max-grad-norm 1')")
+    p.add_argument(
+        "--ours-args",
+        default="",
+        help="extra flags for our trainer, one string; give it with '=' (--ours-args='--lr-decay cosine'): "
+        "a lone flag after a space is taken for an option of this script",
+    )
     p.add_argument(
         "--ours-label", default="ours", help="name of our configuration in the report (runs are cached per label)"
     )
@@ -391,7 +396,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
     colors = {}
-    palette = ["tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown"]
+    palette = [f"C{i}" for i in range(10)] + ["olive", "teal", "navy", "gold"]  # SAELens is black
     for key in sorted({(r["label"], r["steps"]) for r in results}):
         label, steps = key
         pts = sorted((r["l0"], r["fvu"], r["dead_fraction"]) for r in results if (r["label"], r["steps"]) == key)
