@@ -28,8 +28,9 @@ What it does (issue 10, deliverable 1):
    (μ the held-out mean), L0 = mean active features per row, dead fraction = features that
    never fire on the held-out rows.
 5. Report: FVU at L0 = 20, 40, 80 by linear interpolation in log L0 between the two nearest
-   sweep points (never extrapolated), whole-loop training tokens/s of both and their ratio, a
-   frontier plot, and ``benchmarks/results/quality_<stamp>.{json,md,png}``.
+   sweep points (never extrapolated); for each single run (an ablation, say) its FVU over
+   SAELens's at the same L0 and steps, interpolated the same way; whole-loop training tokens/s of
+   both and their ratio, a frontier plot, and ``benchmarks/results/quality_<stamp>.{json,md,png}``.
 
 Shared settings (issue 10): d_sae 3072, batch 1024, Adam β1 = 0, β2 = 0.999, lr 1e-3 with a
 100-step warm-up, λ warmed up over the first 25% of steps, ε = 0.01, θ₀ = 0.01, raw θ, inputs
@@ -90,7 +91,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", nargs="+", type=int, default=[1000], help="training lengths to sweep (e.g. 1000 3000)")
     p.add_argument("--lambdas-ours", nargs="+", type=float, default=DEFAULT_LAMBDAS["ours"])
     p.add_argument("--lambdas-saelens", nargs="+", type=float, default=DEFAULT_LAMBDAS["saelens"])
-    p.add_argument("--ours-args", default="", help="extra flags for our trainer, one string (e.g. '--max-grad-norm 1')")
+    p.add_argument(
+        "--ours-args",
+        default="",
+        help="extra flags for our trainer, one string; give it with '=' (--ours-args='--lr-decay cosine'): "
+        "a lone flag after a space is taken for an option of this script",
+    )
     p.add_argument(
         "--ours-label", default="ours", help="name of our configuration in the report (runs are cached per label)"
     )
@@ -367,6 +373,17 @@ def interpolate(points: list[tuple[float, float]], l0: float) -> float | None:
     return None
 
 
+def ratio_to_saelens(run: dict, results: list[dict]) -> float | None:
+    """A run's FVU over SAELens's at the same L0 and steps (interpolated; None unless bracketed):
+    how a single run, e.g. an ablation, compares without a sweep of its own."""
+    if run["system"] == "saelens":
+        return None
+    reference = interpolate(
+        [(r["l0"], r["fvu"]) for r in results if r["system"] == "saelens" and r["steps"] == run["steps"]], run["l0"]
+    )
+    return None if reference is None else run["fvu"] / reference
+
+
 # ----------------------------------------------------------------------------------------- report
 
 
@@ -379,7 +396,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
     colors = {}
-    palette = ["tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown"]
+    palette = [f"C{i}" for i in range(10)] + ["olive", "teal", "navy", "gold"]  # SAELens is black
     for key in sorted({(r["label"], r["steps"]) for r in results}):
         label, steps = key
         pts = sorted((r["l0"], r["fvu"], r["dead_fraction"]) for r in results if (r["label"], r["steps"]) == key)
@@ -483,26 +500,28 @@ def main(argv=None) -> int:
     Path(f"{prefix}.json").write_text(
         json.dumps({"env": env, "settings": vars(args), "runs": results, "summary": summary}, indent=2) + "\n"
     )
+
+    def fmt(v, scale=1.0, digits=4):
+        return "–" if v is None else f"{scale * v:.{digits}f}"
+
     md = [
         f"{env['device']}, torch {env['torch']}, sae-lens {env['sae_lens']}, {env['date']}; data: {env['data']}, "
         f"{env['train_rows']} training rows, {env['heldout_rows']} held-out rows.",
         "",
-        "| system | steps | λ | L0 | FVU | dead % | train tok/s |",
-        "|---|---|---|---|---|---|---|",
+        "| system | steps | λ | L0 | FVU | dead % | FVU / SAELens's at this L0 | train tok/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: (r["steps"], r["label"], r["lambda"])):
         md.append(
             f"| {r['label']} | {r['steps']} | {r['lambda']:g} | {r['l0']:.1f} | {r['fvu']:.4f} | "
-            f"{100 * r['dead_fraction']:.1f} | {r['train_tokens_per_s']:,.0f} |"
+            f"{100 * r['dead_fraction']:.1f} | {fmt(ratio_to_saelens(r, results), 1, 3)} | "
+            f"{r['train_tokens_per_s']:,.0f} |"
         )
     md += [
         "",
         "| system | steps | FVU @ L0 20 | FVU @ L0 40 | FVU @ L0 80 | dead % @ 20 / 40 / 80 | median train tok/s |",
         "|---|---|---|---|---|---|---|",
     ]
-
-    def fmt(v, scale=1.0, digits=4):
-        return "–" if v is None else f"{scale * v:.{digits}f}"
 
     for srow in summary:
         f, d = srow["fvu_at"], srow["dead_at"]

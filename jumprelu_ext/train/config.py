@@ -171,7 +171,11 @@ class TrainConfig:
     batch_size: int = _f(4096, "activations (tokens) per training batch")
     lr: float = _f(7e-5, "Adam learning rate (beta1=0, beta2=0.999, eps=1e-8)")
     lr_warmup_steps: int = _f(1000, "steps of linear learning-rate warm-up from ~0 to --lr")
-    lr_decay: str = _f("none", "learning-rate schedule after warm-up: constant or cosine to 0 at --steps")
+    lr_decay: str = _f(
+        "none",
+        "learning-rate schedule after warm-up: constant or cosine to 0 at --steps (cosine measured worse "
+        "on 1,000-step runs, docs/method.md#ablations)",
+    )
     l0_coefficient: float | tuple[float, ...] = _f(
         1.0,
         "sparsity coefficient lambda on the L0 (or tanh) penalty; with --target-l0, lambda's starting value"
@@ -206,8 +210,8 @@ class TrainConfig:
 
     recipe: str = _f(
         "default",
-        "default: the paper's recipe with the changes measured to give better SAEs (gradient clipping; "
-        "docs/method.md#deviations-from-the-papers-recipe); paper: Rajamanoharan et al. 2024 exactly",
+        "default: the paper's recipe with the changes measured to give better SAEs (encoder init 0.1, gradient "
+        "clipping at 1; docs/method.md#deviations-from-the-papers-recipe); paper: Rajamanoharan et al. 2024 exactly",
     )
 
     # --- runtime ---
