@@ -91,12 +91,12 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
     "sparsity_warmup_steps": 200,
     "l0_coefficient": 4e-3,
     "threshold_lr": 2e-2,
-    "init_threshold": 0.02,
+    "init_threshold": 0.01,
     "bandwidth": 0.01,
-    # The default recipe's 0.1 encoder scale left a third of the features dead here (measured:
-    # pre-activations start 10x below this preset's θ₀ of 0.02); the paper's init with clipping
-    # gave L0 15, FVU 0.18, 3% dead (docs/method.md#the-embedded-default-preset).
-    "encoder_init_scale": 1.0,
+    # The default recipe's 0.1 encoder scale (with clipping): its initial pre-activations have a
+    # spread of about 0.005, so θ₀ = 0.01 starts near L0 80 with nearly every feature firing on
+    # some token; the old θ₀ of 0.02 left a third of the features dead with this init
+    # (docs/method.md#the-embedded-default-preset).
     "checkpoint_every": 200,
     "log_every": 20,
     "out": "runs/default",
