@@ -16,7 +16,6 @@ from jumprelu_ext.train import loop as train
 from jumprelu_ext.train.config import PAPER_RECIPE, TrainConfig, parse_args
 from jumprelu_ext.train.distributed import Layout
 from jumprelu_ext.train.optimizer import clip_grad_norm_, keep_threshold_nonnegative
-from jumprelu_ext.train.sparsity import FixedCoefficient, TargetL0Controller
 
 D_IN = 16
 
@@ -71,27 +70,6 @@ def test_a_raw_threshold_is_kept_nonnegative():
         sae.get_parameter("threshold").copy_(torch.linspace(-1, 1, 8))
     keep_threshold_nonnegative(sae)
     assert sae.threshold.min() == 0 and sae.threshold.max() == 1
-
-
-def test_the_controller_raises_lambda_above_the_target_and_lowers_it_below():
-    controller = TargetL0Controller(target=40, initial=1e-3)
-    controller.observe(400)
-    raised = controller.at(0)
-    assert 1e-3 < raised <= 1e-3 * math.exp(controller.max_change) * (1 + 1e-12)
-    for _ in range(3):
-        controller.observe(4)
-    assert controller.at(0) < raised
-    at_target = controller.at(0)
-    controller.observe(40)
-    assert controller.at(0) == pytest.approx(at_target)
-    restored = TargetL0Controller(target=40, initial=5.0)
-    restored.load_state_dict(controller.state_dict())
-    assert restored.at(7) == controller.at(7)
-
-
-def test_a_fixed_coefficient_warms_up():
-    fixed = FixedCoefficient(0.2, warmup_steps=4)
-    assert [fixed.at(s) for s in (0, 2, 4, 9)] == [0.0, 0.1, 0.2, 0.2]
 
 
 def test_target_l0_is_reached_on_a_small_run(activations, tmp_path):
