@@ -93,12 +93,12 @@ step tests 150 env JUMPRELU_EXT_EXPECT_CUDA_BUILD=$((1 - dry)) "$python" -m pyte
 # path, l0, step, ste_to_input, empty and NaN inputs); transposed/sliced layouts only add a copy
 # before the same kernels, so they are left out to keep the time down.
 cuda_op_tests=(tests/test_values.py tests/test_gradients.py tests/test_special_inputs.py
-  tests/test_boundaries.py tests/test_determinism.py)
+  tests/test_boundaries.py tests/test_determinism.py tests/test_op_fire_counts.py)
 if ((!dry)); then
   step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 97 \
     "$python" -m pytest "${cuda_op_tests[@]}" -q -x -k "cuda and not sliced and not transposed"
   step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 97 \
-    "$python" -m pytest tests/test_boundaries.py tests/test_determinism.py -q -x -k cuda
+    "$python" -m pytest tests/test_boundaries.py tests/test_determinism.py tests/test_op_fire_counts.py -q -x -k cuda
 fi
 
 step bench_ops 150 "$python" benchmarks/bench_ops.py "${ops_args[@]}" --out "$out/results" --markdown "$markdown"
