@@ -2,8 +2,9 @@
 
 H(u) = 1 iff u > 0; K(u) = 1 iff -1/2 < u < 1/2. Arithmetic in fp32 (fp64 for fp64);
 outputs in pre's dtype, the L0 count in float32, the threshold gradient in the threshold's
-dtype; ``fire_counts`` (int64 [F]) gains each feature's rows with a non-zero output. Tests compare the kernels against this module, and the package falls back to it when the
-compiled extension cannot be loaded.
+dtype; ``fire_counts`` (int64 [F]) gains each feature's rows with a non-zero output. Tests
+compare the kernels against this module, and the package falls back to it when the compiled
+extension cannot be loaded.
 """
 
 import torch

@@ -2,8 +2,8 @@
 
 Reads top to bottom: configuration, data, the SAEs and their optimisers, resume, the training
 loop, evaluation and the report. A run trains one SAE, or with a list of values for
-``--l0-coefficient`` / ``--target-l0`` one per value on the same batches (a sweep; member.py). The recipe and its deviations: docs/method.md#the-training-recipe;
-the design: docs/trainer.md.
+``--l0-coefficient`` / ``--target-l0`` one per value on the same batches (a sweep; member.py).
+The recipe and its deviations: docs/method.md#the-training-recipe; the design: docs/trainer.md.
 """
 
 from __future__ import annotations
