@@ -69,15 +69,21 @@ def folded_weights(sae: JumpReLUSAE, input_scale: float) -> dict:
         x̂ = û / c = f (W_dec / c) + b_dec / c          → W_dec' = W_dec / c, b_dec' = b_dec / c.
     The saved SAE applied to raw x therefore gives the same acts as the trained SAE on c·x and
     the reconstruction divided by c. (Same as SAELens's fold_activation_norm_scaling_factor.)
+    An SAE that encodes u − b_dec (``apply_b_dec_to_input``) is first written in the plain form:
+        pre = (u − b_dec) W_enc + b_enc = u W_enc + (b_enc − b_dec W_enc)   → b_enc ← b_enc − b_dec W_enc,
+    so every saved SAE encodes x directly (cfg ``apply_b_dec_to_input: false``).
     """
     c = _check_scale(input_scale)
-    w_enc = sae.W_enc.detach().float().cpu() * c
-    w_dec = sae.W_dec.detach().float().cpu() / c
+    w_enc = sae.W_enc.detach().float().cpu()
+    b_enc = sae.b_enc.detach().float().cpu()
+    b_dec = sae.b_dec.detach().float().cpu()
+    if sae.apply_b_dec_to_input:
+        b_enc = b_enc - b_dec.double() @ w_enc.double()  # in fp64: b_enc is small next to the terms
     return {
-        "W_enc": w_enc.contiguous(),
-        "W_dec": w_dec.contiguous(),
-        "b_enc": sae.b_enc.detach().float().cpu().contiguous(),
-        "b_dec": (sae.b_dec.detach().float().cpu() / c).contiguous(),
+        "W_enc": (w_enc * c).contiguous(),
+        "W_dec": (sae.W_dec.detach().float().cpu() / c).contiguous(),
+        "b_enc": b_enc.float().contiguous(),
+        "b_dec": (b_dec / c).contiguous(),
         "threshold": sae.threshold.detach().float().cpu().contiguous(),
     }
 
@@ -97,7 +103,7 @@ def _build_cfg(sae: JumpReLUSAE, input_scale: float, extra_cfg: dict) -> dict:
         "d_sae": int(sae.d_sae),
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": False,  # our encoder is x @ W_enc + b_enc, no b_dec subtraction
+        "apply_b_dec_to_input": False,  # folded into b_enc by folded_weights
         "normalize_activations": "none",  # the input scale is folded into the weights
         "reshape_activations": "none",
         "metadata": metadata,

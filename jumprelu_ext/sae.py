@@ -63,6 +63,8 @@ class JumpReLUSAE(nn.Module):
     first_feature … first_feature+d_sae−1 of a wider SAE drawn from the same seed (sharding).
     ``ste_to_input=True`` lets the straight-through term reach pre (and so the encoder) as well.
     ``encoder_init_scale`` multiplies the initial encoder (W_enc = scale · W_decᵀ).
+    ``apply_b_dec_to_input=True`` encodes x − b_dec instead of x (SAELens's option of that name;
+    measured better, docs/method.md#ablations); export folds it into b_enc.
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class JumpReLUSAE(nn.Module):
         first_feature=0,
         ste_to_input=False,
         encoder_init_scale=1.0,
+        apply_b_dec_to_input=False,
     ):
         super().__init__()
         _check_positive_int("d_in", d_in)
@@ -93,6 +96,9 @@ class JumpReLUSAE(nn.Module):
             raise ValueError(f"JumpReLUSAE: ste_to_input must be a bool, got {ste_to_input!r}")
         # The straight-through term also reaches pre (Anthropic 2025; docs/ops.md#ste_to_input).
         self.ste_to_input = ste_to_input
+        if not isinstance(apply_b_dec_to_input, bool):
+            raise ValueError(f"JumpReLUSAE: apply_b_dec_to_input must be a bool, got {apply_b_dec_to_input!r}")
+        self.apply_b_dec_to_input = apply_b_dec_to_input
         dtype = dtype if dtype is not None else torch.get_default_dtype()
 
         # Decoder rows are random unit vectors and the encoder starts as their transpose, times
@@ -139,13 +145,19 @@ class JumpReLUSAE(nn.Module):
         return jumprelu_l0(pre, self.threshold, self.bandwidth, self.ste_to_input, fire_counts)
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W_enc + b_enc, after checking the input's width."""
+        """x @ W_enc + b_enc (or (x − b_dec) @ W_enc + b_enc), after checking the input's width."""
         if x.dim() < 1 or x.shape[-1] != self.d_in:
             got = x.shape[-1] if x.dim() >= 1 else "a 0-d tensor"
             raise ValueError(f"JumpReLUSAE: expected input with last dimension d_in={self.d_in}, got {got}")
+        if self.apply_b_dec_to_input:
+            x = x - self.encoder_b_dec()
         # F.linear (not `x @ W + b`) so autocast runs the whole affine map in its low-precision
         # dtype; an fp32 bias added afterwards would promote pre back to fp32.
         return F.linear(x, self.W_enc.t(), self.b_enc)
+
+    def encoder_b_dec(self) -> torch.Tensor:
+        """b_dec as the encoder sees it (a feature-sharded SAE sums its gradient over ranks)."""
+        return self.b_dec
 
     def sum_over_features(self, per_row: torch.Tensor) -> torch.Tensor:
         """A per-row sum over this module's features is the sum over all of them (a
@@ -225,5 +237,5 @@ class JumpReLUSAE(nn.Module):
     def extra_repr(self):
         return (
             f"d_in={self.d_in}, d_sae={self.d_sae}, bandwidth={self.bandwidth}, "
-            f"threshold_param={self.threshold_param!r}"
+            f"threshold_param={self.threshold_param!r}, apply_b_dec_to_input={self.apply_b_dec_to_input}"
         )

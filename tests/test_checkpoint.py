@@ -149,9 +149,16 @@ def test_missing_and_corrupt_checkpoint_errors(tmp_path):
         load_checkpoint(p)
 
 
-def _random_sae(seed, threshold_param="log"):
+def _random_sae(seed, threshold_param="log", apply_b_dec_to_input=False):
     g = torch.Generator().manual_seed(seed)
-    sae = JumpReLUSAE(12, 40, bandwidth=0.01, init_threshold=0.1, threshold_param=threshold_param)
+    sae = JumpReLUSAE(
+        12,
+        40,
+        bandwidth=0.01,
+        init_threshold=0.1,
+        threshold_param=threshold_param,
+        apply_b_dec_to_input=apply_b_dec_to_input,
+    )
     with torch.no_grad():
         sae.W_enc.copy_(torch.randn(12, 40, generator=g) * 0.5)
         sae.W_dec.copy_(torch.randn(40, 12, generator=g) * 0.5)
@@ -167,9 +174,10 @@ def _random_sae(seed, threshold_param="log"):
 
 @pytest.mark.parametrize("threshold_param", ["log", "raw"])
 @pytest.mark.parametrize("load_param", ["raw", "log"])
-def test_fold_back_saved_sae_on_raw_equals_trained_on_scaled(tmp_path, threshold_param, load_param):
+@pytest.mark.parametrize("centered", [False, True], ids=["plain", "b_dec-centered"])
+def test_fold_back_saved_sae_on_raw_equals_trained_on_scaled(tmp_path, threshold_param, load_param, centered):
     c = 0.37
-    sae = _random_sae(0, threshold_param)
+    sae = _random_sae(0, threshold_param, apply_b_dec_to_input=centered)
     x = torch.randn(64, 12, generator=torch.Generator().manual_seed(1)) * 3.0
     trained = sae(c * x)
     assert 0 < (trained.acts != 0).float().mean() < 1  # a meaningful mix of on / off features

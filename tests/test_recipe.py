@@ -85,8 +85,10 @@ def test_target_l0_is_reached_on_a_small_run(activations, tmp_path):
 def test_recipe_presets():
     default = parse_args(["--activations", "a.npy"])
     assert default.recipe == "default"
-    # The measured default (docs/method.md#ablations): scaled encoder init, clipping, constant lr.
-    assert (default.encoder_init_scale, default.max_grad_norm, default.lr_decay) == (0.1, 1.0, "none")
+    # The measured default (docs/method.md#ablations): scaled encoder init, b_dec-centred encoder
+    # input, clipping, constant lr.
+    assert (default.encoder_init_scale, default.apply_b_dec_to_input) == (0.1, True)
+    assert (default.max_grad_norm, default.lr_decay) == (1.0, "none")
     paper = parse_args(["--activations", "a.npy", "--recipe", "paper"])
     assert {k: getattr(paper, k) for k in PAPER_RECIPE} == PAPER_RECIPE
     assert paper.max_grad_norm == 0  # the paper does not clip
@@ -129,6 +131,15 @@ def test_no_clipping_matches_the_unclipped_recipe_and_clipping_changes_the_run(a
     for key in runs["off"]:
         assert torch.equal(runs["off"][key], runs["huge"][key]), key
     assert not torch.equal(runs["off"]["W_enc"], runs["tight"]["W_enc"])
+
+
+def test_a_checkpoint_from_before_centering_resumes_only_uncentered():
+    cfg = parse_args(["--activations", "a.npy"])
+    saved = cfg.to_dict()
+    del saved["apply_b_dec_to_input"]  # written before the option existed: trained uncentred
+    with pytest.raises(train.UserError, match="made with --apply-b-dec-to-input False, this run has .*True"):
+        train.check_resumable(saved, cfg)
+    train.check_resumable(saved, parse_args(["--activations", "a.npy", "--no-apply-b-dec-to-input"]))
 
 
 def test_config_names_the_new_flags():

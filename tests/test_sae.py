@@ -22,7 +22,7 @@ def randomize(sae, seed=1):
 
 
 def manual_forward(sae, x):
-    pre = x @ sae.W_enc + sae.b_enc
+    pre = (x - sae.b_dec if sae.apply_b_dec_to_input else x) @ sae.W_enc + sae.b_enc
     theta = sae.threshold.detach()
     acts = pre * (pre > theta).to(pre.dtype)  # strict step: pre == θ is off
     return acts @ sae.W_dec + sae.b_dec, acts, (pre > theta).sum(-1).to(pre.dtype)
@@ -50,8 +50,9 @@ def test_threshold_fp32_with_bf16_weights():
 
 
 @pytest.mark.parametrize("param", ["log", "raw"])
-def test_forward_matches_manual_math(param):
-    sae = make_sae(init_threshold=0.1, threshold_param=param)
+@pytest.mark.parametrize("centered", [False, True], ids=["plain", "b_dec-centered"])
+def test_forward_matches_manual_math(param, centered):
+    sae = make_sae(init_threshold=0.1, threshold_param=param, apply_b_dec_to_input=centered)
     randomize(sae)
     x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(2))
     out = sae(x)
@@ -77,6 +78,25 @@ def test_loss_matches_manual():
     torch.testing.assert_close(mse, mse_ref)
     torch.testing.assert_close(l0_mean, l0.mean())
     torch.testing.assert_close(total, mse_ref + 0.05 * l0.mean())
+
+
+def test_centered_encoder_gradients_match_manual_autograd():
+    """With apply_b_dec_to_input, b_dec gets the decoder's gradient and, through x − b_dec, the
+    encoder's (a JumpReLU passes H(pre − θ)·grad to pre, as autograd through pre·H does)."""
+    sae = make_sae(init_threshold=0.1, apply_b_dec_to_input=True)
+    randomize(sae)
+    x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(6))
+    sae.loss(x, l0_coefficient=0.0).total.backward()
+    params = {name: p.detach().clone().requires_grad_() for name, p in sae.named_parameters()}
+    pre = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+    acts = pre * (pre > sae.threshold.detach()).to(pre.dtype)
+    ((x - (acts @ params["W_dec"] + params["b_dec"])) ** 2).sum(-1).mean().backward()
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(sae.get_parameter(name).grad, params[name].grad, msg=name)
+    plain = make_sae(init_threshold=0.1)
+    randomize(plain)
+    plain.loss(x, l0_coefficient=0.0).total.backward()
+    assert (plain.b_dec.grad - sae.b_dec.grad).abs().max() > 1e-3  # the encoder's part is there
 
 
 @pytest.mark.parametrize("param", ["log", "raw"])
@@ -157,6 +177,7 @@ def test_bad_input_dim_raises():
         dict(d_in=4, d_sae=4, bandwidth=float("nan")),
         dict(d_in=4, d_sae=4, init_threshold=-1e-3),
         dict(d_in=4, d_sae=4, threshold_param="exp"),
+        dict(d_in=4, d_sae=4, apply_b_dec_to_input=1),
     ],
 )
 def test_bad_constructor_args_raise(kwargs):

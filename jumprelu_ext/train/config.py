@@ -84,6 +84,7 @@ PAPER_RECIPE: dict[str, Any] = {
     "threshold_lr": None,
     "max_grad_norm": 0.0,
     "encoder_init_scale": 1.0,
+    "apply_b_dec_to_input": False,
 }
 
 # What runs when no data source is given (`python -m jumprelu_ext.train`, `make train`): a real
@@ -189,6 +190,11 @@ class TrainConfig:
     )
     encoder_init_scale: float = _f(
         0.1, "initial encoder W_enc = this * W_dec^T (the paper: 1; 0.1 measured better, docs/method.md#ablations)"
+    )
+    apply_b_dec_to_input: bool = _f(
+        True,
+        "encode x - b_dec instead of x (the paper: no; SAELens's default and measured better, "
+        "docs/method.md#ablations); the exported SAE has it folded into b_enc",
     )
     max_grad_norm: float = _f(
         1.0, "clip the global gradient norm (every parameter, theta included) to this before each step; 0 = off"

@@ -54,7 +54,10 @@ RESUME_MUST_MATCH = (
     "eval_fraction",
     "eval_activations",
     "target_l0",
+    "apply_b_dec_to_input",
 )
+# What checkpoints written before an option existed were trained with.
+BEFORE_THE_OPTION = {"apply_b_dec_to_input": False}
 
 
 def main(argv=None) -> int:
@@ -263,10 +266,11 @@ def _quiet(*args, **kwargs):
 def check_resumable(saved: dict, cfg) -> None:
     current = cfg.to_dict()
     for name in RESUME_MUST_MATCH:
-        if saved.get(name) != current[name]:
+        was = saved.get(name, BEFORE_THE_OPTION.get(name))
+        if was != current[name]:
             flag = cfg.flag(name)
             raise UserError(
-                f"--resume: the checkpoint in {cfg.out} was made with {flag} {saved.get(name)}, "
+                f"--resume: the checkpoint in {cfg.out} was made with {flag} {was}, "
                 f"this run has {flag} {current[name]}"
             )
 

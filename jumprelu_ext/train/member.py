@@ -80,6 +80,7 @@ def build_members(cfg, d_in: int, d_sae: int, layout, device) -> list[Member]:
             threshold_param=member_cfg.threshold_param,
             ste_to_input=member_cfg.ste_to_input,
             encoder_init_scale=member_cfg.encoder_init_scale,
+            apply_b_dec_to_input=member_cfg.apply_b_dec_to_input,
         )
         optimizer, scheduler = build_optimizer(sae, member_cfg)
         coefficient = sparsity_coefficient(member_cfg)

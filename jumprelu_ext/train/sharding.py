@@ -31,6 +31,22 @@ class _SumOverRanks(torch.autograd.Function):
         return grad
 
 
+class _SumGradOverRanks(torch.autograd.Function):
+    """Forward: the tensor unchanged. Backward: the gradient summed over ranks. For a replicated
+    parameter that each rank uses with its own features (b_dec at the encoder's input), so
+    every rank's copy receives the whole SAE's gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class FeatureShardedSAE(JumpReLUSAE):
     """This rank's features of a JumpReLU SAE; decode and the per-row feature sums add up the
     other ranks' parts, so outputs and losses are those of the whole SAE."""
@@ -42,6 +58,9 @@ class FeatureShardedSAE(JumpReLUSAE):
     def activate(self, pre, fire_counts=None):
         acts, l0 = super().activate(pre, fire_counts)  # fire counts: this rank's features
         return acts, _SumOverRanks.apply(l0)
+
+    def encoder_b_dec(self):
+        return _SumGradOverRanks.apply(self.b_dec)
 
     def sum_over_features(self, per_row):
         return _SumOverRanks.apply(per_row)
@@ -121,7 +140,14 @@ def whole_sae(sae, layout: Layout, d_sae: int):
     state = _map_sae_state(sae.state_dict(), lambda t, dim: _gather_to_main(t, dim, layout))
     if not layout.is_main:
         return None
-    whole = JumpReLUSAE(sae.d_in, d_sae, sae.bandwidth, threshold_param=sae.threshold_param, device="meta")
+    whole = JumpReLUSAE(
+        sae.d_in,
+        d_sae,
+        sae.bandwidth,
+        threshold_param=sae.threshold_param,
+        device="meta",
+        apply_b_dec_to_input=sae.apply_b_dec_to_input,
+    )
     whole.load_state_dict({k: v.cpu() for k, v in state.items()}, assign=True)
     return whole
 
