@@ -270,8 +270,7 @@ def check_resumable(saved: dict, cfg) -> None:
         if was != current[name]:
             flag = cfg.flag(name)
             raise UserError(
-                f"--resume: the checkpoint in {cfg.out} was made with {flag} {was}, "
-                f"this run has {flag} {current[name]}"
+                f"--resume: the checkpoint in {cfg.out} was made with {flag} {was}, this run has {flag} {current[name]}"
             )
 
 
