@@ -174,10 +174,10 @@ def _random_sae(seed, threshold_param="log", apply_b_dec_to_input=False):
 
 @pytest.mark.parametrize("threshold_param", ["log", "raw"])
 @pytest.mark.parametrize("load_param", ["raw", "log"])
-@pytest.mark.parametrize("centered", [False, True], ids=["plain", "b_dec-centered"])
-def test_fold_back_saved_sae_on_raw_equals_trained_on_scaled(tmp_path, threshold_param, load_param, centered):
+@pytest.mark.parametrize("centred", [False, True], ids=["plain", "b_dec-centred"])
+def test_fold_back_saved_sae_on_raw_equals_trained_on_scaled(tmp_path, threshold_param, load_param, centred):
     c = 0.37
-    sae = _random_sae(0, threshold_param, apply_b_dec_to_input=centered)
+    sae = _random_sae(0, threshold_param, apply_b_dec_to_input=centred)
     x = torch.randn(64, 12, generator=torch.Generator().manual_seed(1)) * 3.0
     trained = sae(c * x)
     assert 0 < (trained.acts != 0).float().mean() < 1  # a meaningful mix of on / off features

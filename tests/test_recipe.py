@@ -133,7 +133,7 @@ def test_no_clipping_matches_the_unclipped_recipe_and_clipping_changes_the_run(a
     assert not torch.equal(runs["off"]["W_enc"], runs["tight"]["W_enc"])
 
 
-def test_a_checkpoint_from_before_centering_resumes_only_uncentered():
+def test_a_checkpoint_from_before_centring_resumes_only_uncentred():
     cfg = parse_args(["--activations", "a.npy"])
     saved = cfg.to_dict()
     del saved["apply_b_dec_to_input"]  # written before the option existed: trained uncentred

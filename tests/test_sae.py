@@ -50,9 +50,9 @@ def test_threshold_fp32_with_bf16_weights():
 
 
 @pytest.mark.parametrize("param", ["log", "raw"])
-@pytest.mark.parametrize("centered", [False, True], ids=["plain", "b_dec-centered"])
-def test_forward_matches_manual_math(param, centered):
-    sae = make_sae(init_threshold=0.1, threshold_param=param, apply_b_dec_to_input=centered)
+@pytest.mark.parametrize("centred", [False, True], ids=["plain", "b_dec-centred"])
+def test_forward_matches_manual_math(param, centred):
+    sae = make_sae(init_threshold=0.1, threshold_param=param, apply_b_dec_to_input=centred)
     randomize(sae)
     x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(2))
     out = sae(x)
@@ -80,7 +80,7 @@ def test_loss_matches_manual():
     torch.testing.assert_close(total, mse_ref + 0.05 * l0.mean())
 
 
-def test_centered_encoder_gradients_match_manual_autograd():
+def test_centred_encoder_gradients_match_manual_autograd():
     """With apply_b_dec_to_input, b_dec gets the decoder's gradient and, through x − b_dec, the
     encoder's (a JumpReLU passes H(pre − θ)·grad to pre, as autograd through pre·H does)."""
     sae = make_sae(init_threshold=0.1, apply_b_dec_to_input=True)

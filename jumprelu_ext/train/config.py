@@ -82,6 +82,7 @@ PAPER_RECIPE: dict[str, Any] = {
     "init_threshold": 1e-3,
     "threshold_param": "log",
     "threshold_lr": None,
+    "raw_threshold_lr_scale": 1.0,
     "max_grad_norm": 0.0,
     "encoder_init_scale": 1.0,
     "apply_b_dec_to_input": False,
@@ -205,7 +206,14 @@ class TrainConfig:
     bandwidth: float = _f(1e-3, "STE kernel bandwidth epsilon (for inputs scaled to E||x||^2 = 1)")
     init_threshold: float = _f(1e-3, "initial threshold theta for every feature (for inputs scaled to E||x||^2 = 1)")
     threshold_param: str = _f("log", "how theta is trained: log (theta = exp(log_theta), the paper) or raw")
-    threshold_lr: float | None = _f(None, "separate learning rate for the threshold parameter; unset = --lr")
+    threshold_lr: float | None = _f(
+        None, "separate learning rate for the threshold parameter; unset = --lr (raw theta: see the next flag)"
+    )
+    raw_threshold_lr_scale: float = _f(
+        0.3,
+        "with --threshold-param raw and --threshold-lr unset, theta trains at this * --lr: a raw theta moves in "
+        "absolute steps of up to about lr, which killed features at low L0 (docs/method.md#ablations)",
+    )
     ste_to_input: bool = _f(
         False, "the straight-through term also reaches the pre-activations, so the encoder (Anthropic 2025)"
     )
@@ -339,7 +347,7 @@ class TrainConfig:
             raise ConfigError(f"--l0-coefficient must be >= 0, got {self.l0_coefficient}")
         if not (math.isfinite(self.pre_act_loss_coefficient) and self.pre_act_loss_coefficient >= 0):
             raise ConfigError(f"--pre-act-loss-coefficient must be >= 0, got {self.pre_act_loss_coefficient}")
-        for name in ("bandwidth", "init_threshold", "tanh_scale", "encoder_init_scale"):
+        for name in ("bandwidth", "init_threshold", "tanh_scale", "encoder_init_scale", "raw_threshold_lr_scale"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ConfigError(f"{fl(name)} must be a positive number, got {v}")

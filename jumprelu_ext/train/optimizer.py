@@ -15,13 +15,21 @@ def threshold_parameter(sae) -> torch.nn.Parameter:
     return sae.log_threshold if sae.threshold_param == "log" else sae.get_parameter("threshold")
 
 
+def threshold_lr(cfg) -> float:
+    """θ's learning rate: ``--threshold-lr``, else ``--lr`` (log θ, whose Adam steps are relative)
+    or ``--raw-threshold-lr-scale`` × ``--lr`` (raw θ, whose steps are absolute)."""
+    if cfg.threshold_lr is not None:
+        return cfg.threshold_lr
+    return cfg.lr * (cfg.raw_threshold_lr_scale if cfg.threshold_param == "raw" else 1.0)
+
+
 def build_optimizer(sae, cfg):
-    """Adam (β1 = 0, β2 = 0.999, eps 1e-8) with θ in its own group (``--threshold-lr``), and the
+    """Adam (β1 = 0, β2 = 0.999, eps 1e-8) with θ in its own group (``threshold_lr``), and the
     warm-up / decay schedule applied to both groups."""
     theta = threshold_parameter(sae)
     weights = [p for p in sae.parameters() if p is not theta]
     optimizer = torch.optim.Adam(
-        [{"params": weights}, {"params": [theta], "lr": cfg.threshold_lr or cfg.lr}],
+        [{"params": weights}, {"params": [theta], "lr": threshold_lr(cfg)}],
         lr=cfg.lr,
         betas=(0.0, 0.999),
         eps=1e-8,
