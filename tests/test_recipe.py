@@ -15,7 +15,12 @@ from jumprelu_ext import JumpReLUSAE
 from jumprelu_ext.train import loop as train
 from jumprelu_ext.train.config import PAPER_RECIPE, TrainConfig, parse_args
 from jumprelu_ext.train.distributed import Layout
-from jumprelu_ext.train.optimizer import clip_grad_norm_, keep_threshold_nonnegative
+from jumprelu_ext.train.optimizer import (
+    build_optimizer,
+    clip_grad_norm_,
+    keep_threshold_nonnegative,
+    threshold_parameter,
+)
 
 D_IN = 16
 
@@ -131,6 +136,25 @@ def test_no_clipping_matches_the_unclipped_recipe_and_clipping_changes_the_run(a
     for key in runs["off"]:
         assert torch.equal(runs["off"][key], runs["huge"][key]), key
     assert not torch.equal(runs["off"]["W_enc"], runs["tight"]["W_enc"])
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--threshold-param", "raw"], 0.3e-3),  # raw θ: absolute steps, slowed by default
+        (["--threshold-param", "raw", "--raw-threshold-lr-scale", "1"], 1e-3),
+        (["--threshold-param", "log"], 1e-3),  # log θ: relative steps, at --lr
+        (["--threshold-param", "raw", "--threshold-lr", "5e-3"], 5e-3),  # an explicit rate wins
+    ],
+)
+def test_theta_learning_rate(flags, expected):
+    cfg = parse_args(["--activations", "a.npy", "--lr", "1e-3", *flags])
+    sae = JumpReLUSAE(D_IN, 32, threshold_param=cfg.threshold_param)
+    optimizer, _ = build_optimizer(sae, cfg)
+    weights, theta = optimizer.param_groups
+    assert weights["initial_lr"] == 1e-3 and theta["initial_lr"] == pytest.approx(expected)
+    assert theta["params"] == [threshold_parameter(sae)]
+    assert PAPER_RECIPE["raw_threshold_lr_scale"] == 1.0  # the paper trains θ at --lr
 
 
 def test_a_checkpoint_from_before_centring_resumes_only_uncentred():
