@@ -31,6 +31,15 @@ def test_lr_cosine_decay():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
+def test_lr_tail_decay():
+    # total 1000: constant to step 800, then a straight line to 0 at step 1000
+    assert all(lr_factor(s, 10, 1000, "tail") == 1.0 for s in (10, 500, 800))
+    assert lr_factor(900, 10, 1000, "tail") == pytest.approx(0.5)
+    assert lr_factor(999, 10, 1000, "tail") == pytest.approx(0.005)
+    assert lr_factor(1000, 10, 1000, "tail") == 0.0 and lr_factor(2000, 10, 1000, "tail") == 0.0
+    assert lr_factor(2, 0, 3, "tail") == pytest.approx(1.0)  # a tail of at least one step
+
+
 def test_lr_without_warmup():
     assert lr_factor(0, 0, 100) == 1.0
     assert lr_factor(0, 0, 100, "cosine") == 1.0

@@ -55,7 +55,7 @@ class ConfigError(UserError):
 
 # Fields with a closed set of values; argparse shows these as choices.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "lr_decay": ("none", "cosine"),
+    "lr_decay": ("none", "cosine", "tail"),
     "threshold_param": ("log", "raw"),
     "sparsity_loss": ("step", "tanh"),
     "dtype": ("float32", "bfloat16"),
@@ -176,7 +176,8 @@ class TrainConfig:
     lr_warmup_steps: int = _f(1000, "steps of linear learning-rate warm-up from ~0 to --lr")
     lr_decay: str = _f(
         "none",
-        "learning-rate schedule after warm-up: constant or cosine to 0 at --steps (cosine measured worse "
+        "learning-rate schedule after warm-up: constant, cosine to 0 at --steps, or tail (constant, then linear to 0 over "
+        "the last 20% of --steps); cosine measured worse "
         "on 1,000-step runs, docs/method.md#ablations)",
     )
     l0_coefficient: float | tuple[float, ...] = _f(

@@ -1,6 +1,7 @@
 """Pure schedule functions for the trainer (no torch state; usable inside ``LambdaLR``).
 
-- ``lr_factor``: multiplier on the base learning rate: linear warm-up, then constant or cosine.
+- ``lr_factor``: multiplier on the base learning rate: linear warm-up, then constant, cosine, or
+  constant with a linear decay to 0 over the last ``TAIL_FRACTION`` of the steps.
 - ``l0_coefficient_at``: the sparsity coefficient λ at a step: linear warm-up from 0, then constant.
 
 Steps are 0-based: step 0 is the first optimiser step.
@@ -12,7 +13,8 @@ import math
 
 __all__ = ["DECAYS", "l0_coefficient_at", "lr_factor"]
 
-DECAYS = ("none", "cosine")
+DECAYS = ("none", "cosine", "tail")
+TAIL_FRACTION = 0.2  # "tail": the last 20% of the steps decay linearly to 0 (as Anthropic's 2024 recipe)
 
 
 def _check_nonneg_int(name: str, value: int) -> None:
@@ -28,7 +30,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: str = "none
     Warm-up: ``(step + 1) / warmup_steps`` for ``step < warmup_steps`` (so step 0 is not zero and
     step ``warmup_steps - 1`` reaches 1). After warm-up: 1 for ``decay="none"``; for
     ``decay="cosine"`` a half cosine from 1 at ``step = warmup_steps`` to 0 at ``step = total_steps``
-    (and 0 beyond it).
+    (and 0 beyond it); for ``decay="tail"`` 1 until the last ``TAIL_FRACTION`` of ``total_steps``,
+    then a straight line to 0 at ``step = total_steps``.
     """
     _check_nonneg_int("step", step)
     _check_nonneg_int("warmup_steps", warmup_steps)
@@ -41,6 +44,9 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: str = "none
         return 1.0
     if step >= total_steps:
         return 0.0
+    if decay == "tail":
+        tail = max(1, round(TAIL_FRACTION * total_steps))
+        return min(1.0, (total_steps - step) / tail)
     progress = (step - warmup_steps) / (total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
