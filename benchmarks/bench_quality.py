@@ -396,7 +396,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 5))
     colors = {}
     palette = [f"C{i}" for i in range(10)] + ["olive", "teal", "navy", "gold"]  # SAELens is black
     for key in sorted({(r["label"], r["steps"]) for r in results}):
@@ -404,8 +404,10 @@ def plot(results: list[dict], path: Path, title: str) -> None:
         pts = sorted((r["l0"], r["fvu"], r["dead_fraction"]) for r in results if (r["label"], r["steps"]) == key)
         c = "black" if label == "saelens" else colors.setdefault(label, palette[len(colors) % len(palette)])
         style = "-o" if steps == min(r["steps"] for r in results) else "--s"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=c, label=f"{label}, {steps} steps")
-        ax2.plot([p[0] for p in pts], [100 * p[2] for p in pts], style, color=c, label=f"{label}, {steps} steps")
+        # The two frontiers being compared stand out; ablations (mostly single runs) stay faint.
+        look = {"lw": 2.2, "ms": 6} if label in ("saelens", "default") else {"lw": 1, "ms": 4, "alpha": 0.55}
+        for a, ys in ((ax, [p[1] for p in pts]), (ax2, [100 * p[2] for p in pts])):
+            a.plot([p[0] for p in pts], ys, style, color=c, label=f"{label}, {steps} steps", **look)
     for l0 in L0_TARGETS:
         ax.axvline(l0, color="0.85", lw=0.8, zorder=0)
     l0s = [r["l0"] for r in results]
@@ -418,13 +420,13 @@ def plot(results: list[dict], path: Path, title: str) -> None:
         a.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
         a.set_xlabel("L0 (mean active features per token, held out)")
         a.grid(True, which="both", alpha=0.3)
-        a.legend(fontsize=8)
     ax.set_ylabel("FVU (held out, lower is better)")
     ax.set_title("reconstruction vs sparsity")
     ax2.set_ylabel("dead features (% never firing on held-out rows)")
     ax2.set_title("dead features")
+    fig.legend(*ax.get_legend_handles_labels(), loc="center right", fontsize=8)  # outside: no point hidden
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
