@@ -78,7 +78,9 @@ def folded_weights(sae: JumpReLUSAE, input_scale: float) -> dict:
     b_enc = sae.b_enc.detach().float().cpu()
     b_dec = sae.b_dec.detach().float().cpu()
     if sae.apply_b_dec_to_input:
-        b_enc = b_enc - b_dec.double() @ w_enc.double()  # in fp64: b_enc is small next to the terms
+        # The dot product over d_in in fp64, rounded to fp32 once: the folded bias stays within one
+        # fp32 rounding of the exact b_enc − b_dec·W_enc, so the saved SAE fires on the same rows.
+        b_enc = b_enc - b_dec.double() @ w_enc.double()
     return {
         "W_enc": (w_enc * c).contiguous(),
         "W_dec": (sae.W_dec.detach().float().cpu() / c).contiguous(),
