@@ -102,6 +102,12 @@ def parse_args(argv=None):
     p.add_argument(
         "--ours-label", default="ours", help="name of our configuration in the report (runs are cached per label)"
     )
+    p.add_argument(
+        "--saelens-ste-to-input",
+        action="store_true",
+        help="train SAELens with jumprelu_ste_to_input=True (Anthropic's setting; its default is False), "
+        "labelled saelens+ste; ratios stay against SAELens's defaults",
+    )
     p.add_argument("--ours-python", default=sys.executable, help="interpreter that runs python -m jumprelu_ext.train")
     p.add_argument("--ours-root", default=str(REPO), help="checkout whose jumprelu_ext is trained (put on PYTHONPATH)")
     p.add_argument(
@@ -309,6 +315,7 @@ def run_saelens(args, train: Path, steps: int, lam: float, out: Path) -> dict:
         jumprelu_bandwidth=s["bandwidth"],
         l0_coefficient=lam,
         l0_warm_up_steps=s["sparsity_warmup_steps"],
+        jumprelu_ste_to_input=args.saelens_ste_to_input,
     )
     sae = JumpReLUTrainingSAE(cfg)
     trainer_cfg = SAETrainerConfig(
@@ -378,10 +385,10 @@ def interpolate(points: list[tuple[float, float]], l0: float) -> float | None:
 def ratio_to_saelens(run: dict, results: list[dict]) -> float | None:
     """A run's FVU over SAELens's at the same L0 and steps (interpolated; None unless bracketed):
     how a single run, e.g. an ablation, compares without a sweep of its own."""
-    if run["system"] == "saelens":
+    if run["label"] == "saelens":
         return None
     reference = interpolate(
-        [(r["l0"], r["fvu"]) for r in results if r["system"] == "saelens" and r["steps"] == run["steps"]], run["l0"]
+        [(r["l0"], r["fvu"]) for r in results if r["label"] == "saelens" and r["steps"] == run["steps"]], run["l0"]
     )
     return None if reference is None else run["fvu"] / reference
 
@@ -444,7 +451,7 @@ def main(argv=None) -> int:
             results.append(json.loads(info_path.read_text()))
     for steps in [] if args.report_only else args.steps:
         for system in args.systems:
-            label = args.ours_label if system == "ours" else "saelens"
+            label = args.ours_label if system == "ours" else "saelens+ste" if args.saelens_ste_to_input else "saelens"
             lambdas = args.lambdas_ours if system == "ours" else args.lambdas_saelens
             for lam in lambdas:
                 out = work / f"{train.stem}_{label}_s{steps}_l{lam:g}"

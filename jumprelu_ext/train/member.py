@@ -12,7 +12,7 @@ from typing import Any
 from . import sharding
 from .checkpoint import capture_rng_state, restore_rng_state
 from .errors import UserError
-from .optimizer import build_optimizer
+from .optimizer import build_optimizer, follow_schedule
 from .report.metrics import FiringTracker
 from .report.run_log import RunLog
 from .sparsity import sparsity_coefficient
@@ -60,6 +60,7 @@ class Member:
         self.sae.load_state_dict(sae_state)
         self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(state["scheduler"])
+        follow_schedule(self.optimizer, self.scheduler)
         self.coefficient.load_state_dict(state.get("sparsity", {}))
 
 

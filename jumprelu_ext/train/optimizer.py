@@ -40,6 +40,14 @@ def build_optimizer(sae, cfg):
     return optimizer, scheduler
 
 
+def follow_schedule(optimizer, scheduler) -> None:
+    """Set each group's lr to this run's schedule at the scheduler's step. A resumed optimizer
+    holds the lr its checkpointed run would have used next, and with a decay that depends on
+    --steps, which the resumed run may have raised (a run that ended is extended this way)."""
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+
+
 @torch.no_grad()
 def clip_grad_norm_(sae, max_norm: float, layout) -> float:
     """Scale every gradient by min(1, max_norm / ‖g‖) where ‖g‖ is the norm of all gradients of
