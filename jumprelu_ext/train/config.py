@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UserError, first_line
+from .schedules import DECAYS
 
 __all__ = [
     "CHOICES",
@@ -55,7 +56,7 @@ class ConfigError(UserError):
 
 # Fields with a closed set of values; argparse shows these as choices.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "lr_decay": ("none", "cosine", "tail"),
+    "lr_decay": DECAYS,  # the schedules lr_factor knows
     "threshold_param": ("log", "raw"),
     "sparsity_loss": ("step", "tanh"),
     "dtype": ("float32", "bfloat16"),
