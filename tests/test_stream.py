@@ -17,6 +17,7 @@ from _tiny_models import WORDS, save_tiny_gpt2
 
 from jumprelu_ext.train import loop as train
 from jumprelu_ext.train.data import harvest as harvest_module
+from jumprelu_ext.train.data import stream as stream_module
 from jumprelu_ext.train.data.harvest import (
     harvest,
     iter_windows,
@@ -92,17 +93,43 @@ def test_each_pass_serves_every_training_row_once_and_no_held_out_row(gpt2, tiny
     batches.close()
 
 
+@pytest.mark.parametrize("max_pieces", [32, 4])  # 4: the first pass's 9 fills are merged into 4 pieces
+def test_later_passes_read_the_text_in_a_new_order(gpt2, tiny, monkeypatch, max_pieces):
+    monkeypatch.setattr(stream_module, "MAX_PIECES", max_pieces)
+    messages = []
+    batches = stream(gpt2, tiny[1], log=messages.append)
+    fills, finish = [], batches._finish
+
+    def recording(part):
+        fill = finish(part)
+        fills.append((fill.start[0], fill.rows))
+        return fill
+
+    batches._finish = recording
+    while len({pass_ for pass_, _ in fills}) < 4:
+        next(batches)
+    batches.close()
+    passes = [torch.cat([rows for pass_, rows in fills if pass_ == k]) for k in range(3)]
+    assert sum(pass_ == 0 for pass_, _ in fills) > max_pieces or max_pieces == 32
+    close = lambda a, b: (torch.cdist(a.double(), b.double()) < 1e-4).sum(dim=0)  # noqa: E731
+    for later in passes[1:]:  # the same rows, each as often (rounding aside) ...
+        assert torch.equal(close(later, passes[0]), close(passes[0], passes[0]))
+    for a, b in zip(passes, passes[1:]):  # ... read in another order every pass
+        assert not torch.allclose(a, b, atol=1e-4)
+    assert f"pass 3 over {tiny[1]} begins, its {min(max_pieces, 9)} pieces in a new order" in " ".join(messages)
+
+
 def test_state_dict_resumes_the_stream_exactly(gpt2, tiny):
     reference = stream(gpt2, tiny[1])
-    batches = [next(reference) for _ in range(40)]
-    for k in (0, 3, 11, 29):
+    batches = [next(reference) for _ in range(100)]  # about 2.6 passes over the text
+    for k in (0, 3, 11, 29, 47, 83):
         resumed = stream(gpt2, tiny[1])
         first = stream(gpt2, tiny[1])
         for _ in range(k):
             next(first)
         state = first.state_dict()
         resumed.load_state_dict(torch.load(_save(state), weights_only=True))
-        for j in range(k, 40):
+        for j in range(k, 100):
             assert torch.equal(next(resumed), batches[j]), (k, j)
         first.close()
         resumed.close()

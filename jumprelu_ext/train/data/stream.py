@@ -8,15 +8,19 @@ rest is harvested, ``--harvest-batch-size`` windows per forward pass, into *fill
 ``--buffer-tokens`` rows (or up to the end of the text). A fill is served in a seeded random order
 (PCG64 of (seed, fill number)) and global batch k is the stream positions [k·B, (k+1)·B),
 crossing fill ends, exactly as ``ShuffledBatches`` crosses epoch ends. When the text runs out, the
-next fill starts another pass over it. A text whose training windows fit in one fill is harvested
-once: every pass is the same fill, reshuffled (the in-memory case is the same code).
+next fill starts another pass over it, in a new order: the first pass's fills, merged into at most
+``MAX_PIECES`` consecutive *pieces*, are read in a seeded permutation of (seed, pass), so later
+passes group the windows into fills differently and visit the text's regions in a new order. A
+text whose training windows fit in one fill is harvested once: every pass is the same fill,
+reshuffled (the in-memory case is the same code).
 
 Mixing (docs/trainer.md#streaming-from-a-model): every row of a pass is served exactly once in
 that pass; a batch is a uniform sample without replacement from one fill (two at a fill's end),
 that is from about ``buffer_tokens / context_length`` consecutive windows of text.
 
-Resume: a fill is a pure function of where it starts in the text (pass, ``TextPosition``), and its
-order of (seed, fill number). ``state_dict`` records those and the position in the fill; loading
+Resume: a fill is a pure function of where it starts in the text (pass, piece, ``TextPosition``)
+and its order of (seed, fill number). ``state_dict`` records those, the position in the fill and
+where the first pass's fills started (the pieces of later passes); loading
 it re-reads the text from the recorded document (no tokenising of what comes before) and
 re-harvests that one fill with the same forward-pass grouping, so the rows are bitwise the same on
 the same machine. A checkpoint therefore stays small (no activations in it) and resuming costs one
@@ -42,7 +46,12 @@ from .activations import ActivationError, TensorStore, split_holdout
 from .harvest import TextPosition, TokenBatch, harvest, iter_windows, windows_to_batch
 from .text import iter_texts
 
-__all__ = ["StreamedBatches", "heldout_windows"]
+__all__ = ["MAX_PIECES", "StreamedBatches", "heldout_windows"]
+
+# A later pass reopens the text at each piece's start, and reaching document d of a file means
+# reading (not tokenising) the d documents before it: at most this many re-reads per pass.
+MAX_PIECES = 32
+_PASS_ORDER = 0x9A55  # tells the pass-order seeds apart from the fill-order seeds
 
 
 def heldout_windows(loaded, dataset, spec, max_tokens, fraction: float, most: int, seed: int):
@@ -71,8 +80,8 @@ def heldout_windows(loaded, dataset, spec, max_tokens, fraction: float, most: in
 @dataclass
 class _Fill:
     index: int  # fills since the start of the run
-    start: tuple[int, TextPosition]  # (pass, position) of its first window
-    end: tuple[int, TextPosition]  # where the next fill starts
+    start: tuple  # (pass, piece, position or None for the piece's start) of its first window
+    end: tuple  # where the next fill starts
     rows: torch.Tensor  # [n, d] raw activations on the training device
     order: torch.Tensor  # the serving order, a permutation of range(n)
     whole_pass: bool  # it holds every training window of the text
@@ -114,7 +123,9 @@ class StreamedBatches:
         self.dropped_rows = 0
         self.rows_per_pass = None  # training rows in one pass, once a pass has been read
         self.fill_index, self.position = 0, 0
-        self._start: tuple[int, TextPosition] = (0, TextPosition())
+        self._start = (0, 0, None)  # (pass, piece, TextPosition or None for the piece's start)
+        self._first_pass_fills: list[TextPosition] = []  # where they start: the pieces of later passes
+        self._orders: dict[int, np.ndarray] = {}  # pass -> its order of the pieces
         self._fill: _Fill | None = None
         self._expect_rows = None  # a resumed fill's row count, checked when it is harvested again
         self._windows = None  # (pass, position it is at, generator): continues from fill to fill
@@ -129,40 +140,77 @@ class StreamedBatches:
 
     # ------------------------------------------------------------------ reading the text
 
-    def _next_window(self, pass_: int, pos: TextPosition):
-        """The training window after ``pos`` in pass ``pass_``: (row, position after it), or None at
-        the end of the text. Held-out windows are skipped."""
+    def _next_window(self, pass_: int, pos: TextPosition, end: int | None = None):
+        """The training window after ``pos`` in pass ``pass_`` and before window number ``end``:
+        (row, position after it), or None at ``end`` or the end of the text. Held-out windows are
+        skipped."""
         if self._windows is None or self._windows[:2] != (pass_, pos):
             texts = iter_texts(self.dataset, pos.doc)
             gen = iter_windows(self.loaded.tokenizer, texts, self.spec, self.max_tokens, pos)
             self._windows = (pass_, pos, gen)
         gen = self._windows[2]
         for row, after in gen:
+            if end is not None and after.window > end:  # read past the piece: reopen for the next one
+                self._windows = None
+                return None
             self._windows = (pass_, after, gen)
             if after.window - 1 not in self.heldout:
                 return row, after
         return None
 
+    def _pieces(self) -> list[TextPosition]:
+        """Where a later pass's pieces start, in text order: the first pass's fills, merged into at
+        most ``MAX_PIECES`` runs of consecutive fills."""
+        starts, n = self._first_pass_fills, len(self._first_pass_fills)
+        return starts if n <= MAX_PIECES else [starts[j * n // MAX_PIECES] for j in range(MAX_PIECES)]
+
+    def _pass_order(self, pass_: int, pieces: int) -> np.ndarray:
+        if pass_ not in self._orders:
+            seed = np.random.SeedSequence([self.seed, pass_, _PASS_ORDER])
+            self._orders = {pass_: np.random.Generator(np.random.PCG64(seed)).permutation(pieces)}
+        return self._orders[pass_]
+
+    def _next_row(self, pass_: int, piece: int, pos: TextPosition | None):
+        """The training window after (piece, ``pos``) in pass ``pass_``: (row, its piece, the
+        position after it), or None when the pass is over. The first pass reads the text in order;
+        a later one reads the pieces in its own order, each from its start to the next's."""
+        if pass_ == 0:
+            nxt = self._next_window(0, pos or TextPosition())
+            return None if nxt is None else (nxt[0], 0, nxt[1])
+        starts = self._pieces()
+        order = self._pass_order(pass_, len(starts))
+        while piece < len(order):
+            first = int(order[piece])
+            end = starts[first + 1].window if first + 1 < len(starts) else None
+            nxt = self._next_window(pass_, pos or starts[first], end)
+            if nxt is not None:
+                return nxt[0], piece, nxt[1]
+            piece, pos = piece + 1, None
+        return None
+
+    @staticmethod
+    def _is_pass_start(start) -> bool:
+        return start[1:] == (0, None)
+
     def _read(self, start):
         """The windows of the fill that starts at ``start``: (rows, where they really start (a fill
-        that ended with the text is followed by the next pass), where the next fill starts, whether
+        that ended with a pass is followed by the next pass), where the next fill starts, whether
         they are a whole pass)."""
-        pass_, pos = start
+        pass_, piece, pos = start
         rows, count = [], 0
         while count < self.buffer_tokens:
-            nxt = self._next_window(pass_, pos)
-            if nxt is None:  # the text has run out: the fill ends with the pass
+            nxt = self._next_row(pass_, piece, pos)
+            if nxt is None:  # the pass is over: the fill ends with it
                 if rows:
-                    return rows, start, (pass_ + 1, TextPosition()), start[1] == TextPosition()
-                if pos == TextPosition():
+                    return rows, start, (pass_ + 1, 0, None), self._is_pass_start(start)
+                if self._is_pass_start(start):
                     raise ActivationError(f"{self.dataset}: no training windows left after the held-out ones")
-                pass_, pos = pass_ + 1, TextPosition()  # the previous fill ended exactly with the text
-                start = (pass_, pos)
+                start = pass_, piece, pos = (pass_ + 1, 0, None)  # the previous fill ended exactly with the pass
                 continue
-            row, pos = nxt
+            row, piece, pos = nxt
             rows.append(row)
             count += sum(1 for t in row if t not in self.spec.special)
-        return rows, start, (pass_, pos), False
+        return rows, start, (pass_, piece, pos), False
 
     def _harvest_share(self, tokens: TokenBatch) -> torch.Tensor:
         """This rank's contiguous share of the fill's forward passes (all of them alone)."""
@@ -176,8 +224,8 @@ class StreamedBatches:
     def _produce(self, start) -> dict:
         """Read and harvest (this rank's share of) the fill at ``start``: the part of making a fill
         that may run on the producer thread (no collectives, no shared state but the text reader)."""
-        if start[1] == TextPosition() and self._pass_rows is not None:
-            return {"start": start, "end": (start[0] + 1, TextPosition()), "whole": True, "rows": self._pass_rows}
+        if self._is_pass_start(start) and self._pass_rows is not None:
+            return {"start": start, "end": (start[0] + 1, 0, None), "whole": True, "rows": self._pass_rows}
         windows, start, end, whole = self._read(start)
         tokens = windows_to_batch(windows, self.spec)
         event = None
@@ -205,16 +253,21 @@ class StreamedBatches:
                 rows = all_gather_rows(rows, self.layout)
             if whole:
                 self._pass_rows = rows  # every later pass is this same fill: harvested once
+        if start[0] == 0:  # the first pass's fills are the later passes' pieces
+            first = start[2] or TextPosition()
+            if not self._first_pass_fills or first.window > self._first_pass_fills[-1].window:
+                self._first_pass_fills.append(first)  # (a resumed fill is recorded already)
         # Count a pass's rows when it has been read from its start (not after a mid-pass resume).
-        if start[1] == TextPosition():
+        if self._is_pass_start(start):
             self._counting = [start[0], 0]
         if self._counting is not None and self._counting[0] == start[0]:
             self._counting[1] += rows.shape[0]
             if end[0] > start[0]:
                 self.rows_per_pass = self._counting[1]
-        if start[0] > 0 and start[1] == TextPosition():
+        if start[0] > 0 and self._is_pass_start(start):
             self.log(
-                f"stream: the text ran out; pass {start[0] + 1} over {self.dataset} begins (fill {self.fill_index})"
+                f"stream: the text ran out; pass {start[0] + 1} over {self.dataset} begins, its "
+                f"{len(self._pieces())} pieces in a new order (fill {self.fill_index})"
             )
         if self._expect_rows is not None and rows.shape[0] != self._expect_rows:
             raise ActivationError(
@@ -308,13 +361,15 @@ class StreamedBatches:
         }
 
     def state_dict(self) -> dict:
-        pass_, pos = self._start
+        pass_, piece, pos = self._start
         return {
             "kind": "stream",
             **self._identity(),
             "fill": self.fill_index,
             "pass": pass_,
-            "start": pos.to_dict(),
+            "piece": piece,
+            "start": None if pos is None else pos.to_dict(),
+            "first_pass_fills": [p.to_dict() for p in self._first_pass_fills],
             "position": self.position,
             "fill_rows": None if self._fill is None else int(self._fill.rows.shape[0]),
             "dropped_rows": self.dropped_rows,
@@ -330,8 +385,14 @@ class StreamedBatches:
                 raise ActivationError(
                     f"--resume: the checkpoint's stream has {flag} {state.get(key)}, this run {value}"
                 )
+        if "first_pass_fills" not in state:
+            raise ActivationError(
+                "--resume: the checkpoint's stream position predates passes in a new order; start afresh"
+            )
         self.fill_index = int(state["fill"])
-        self._start = (int(state["pass"]), TextPosition(**state["start"]))
+        pos = state["start"]
+        self._start = (int(state["pass"]), int(state["piece"]), None if pos is None else TextPosition(**pos))
+        self._first_pass_fills = [TextPosition(**p) for p in state["first_pass_fills"]]
         self.position = int(state["position"])
         self.dropped_rows = int(state["dropped_rows"])
         self.batches = int(state["batches"])
