@@ -116,15 +116,15 @@ def test_recipe_presets():
     # The measured default (docs/method.md#ablations): scaled encoder init, b_dec-centred encoder
     # input, clipping, the lr decayed over the last 20% of the steps.
     assert (default.encoder_init_scale, default.apply_b_dec_to_input) == (0.1, True)
-    assert (default.max_grad_norm, default.lr_decay) == (1.0, "tail")
+    assert (default.max_grad_norm, default.lr_decay, default.b_dec_init) == (1.0, "tail", "mean")
     paper = parse_args(["--activations", "a.npy", "--recipe", "paper"])
     assert {k: getattr(paper, k) for k in PAPER_RECIPE} == PAPER_RECIPE
     assert paper.max_grad_norm == 0  # the paper does not clip
     overridden = parse_args(["--activations", "a.npy", "--recipe", "paper", "--lr", "3e-4"])
     assert overridden.lr == 3e-4 and overridden.bandwidth == PAPER_RECIPE["bandwidth"]
-    # The embedded preset keeps a constant lr: the tail decay measured worse on its short run
-    # (docs/method.md#the-embedded-default-preset).
-    assert parse_args([]).lr_decay == "none"
+    # The embedded preset keeps a constant lr and b_dec from zero: the tail decay and the mean init
+    # measured worse on its short run (docs/method.md#the-embedded-default-preset).
+    assert (parse_args([]).lr_decay, parse_args([]).b_dec_init) == ("none", "zeros")
     bare_paper = parse_args(["--recipe", "paper"])  # the embedded data, the paper's training values
     assert bare_paper.model is not None and bare_paper.lr == PAPER_RECIPE["lr"]
 
@@ -193,8 +193,20 @@ def test_a_checkpoint_from_before_centring_resumes_only_uncentred():
 
 
 def test_config_names_the_new_flags():
-    for flag in ("--max-grad-norm", "--target-l0", "--recipe", "--eval-activations", "--ste-to-input"):
+    for flag in ("--max-grad-norm", "--target-l0", "--recipe", "--eval-activations", "--ste-to-input", "--b-dec-init"):
         assert flag[2:].replace("-", "_") in TrainConfig.__dataclass_fields__
+
+
+@pytest.mark.parametrize("init", ["mean", "zeros"])
+def test_b_dec_starts_at_the_training_rows_mean_or_zero(activations, tmp_path, init):
+    # One step at a negligible lr: the saved b_dec (unscaled again) is where it started.
+    flags = ["--eval-fraction", "0", "--steps", "1", "--lr", "1e-12", "--b-dec-init", init]
+    assert train.main(small_run_flags(activations, tmp_path / init, *flags)) == 0
+    b_dec = load_file(tmp_path / init / "sae_weights.safetensors")["b_dec"].double()
+    rows = torch.from_numpy(np.load(activations)).double()  # every row trains (--eval-fraction 0)
+    expected = rows.mean(dim=0) if init == "mean" else torch.zeros(D_IN, dtype=torch.float64)
+    assert expected.abs().min() > 0.5 or init == "zeros"  # the data's mean is far from 0
+    torch.testing.assert_close(b_dec, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_the_encoder_starts_as_a_scaled_decoder_transpose():

@@ -95,7 +95,7 @@ def train(cfg, layout, device) -> int:
 
     # ---------------------------------------------------------------- SAEs and optimisers
     # One SAE, or one per value of a sweep: each with its optimiser, λ, firing tracker and folder.
-    members = build_members(cfg, data.d_in, d_sae, layout, device)
+    members = build_members(cfg, data.d_in, d_sae, layout, device, data.input_mean * data.input_scale)
     if cfg.swept:
         say(f"a sweep of {len(members)} SAEs on the same batches: {', '.join(m.name for m in members)}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import sharding
 from .checkpoint import capture_rng_state, restore_rng_state
 from .errors import UserError
@@ -64,9 +66,10 @@ class Member:
         self.coefficient.load_state_dict(state.get("sparsity", {}))
 
 
-def build_members(cfg, d_in: int, d_sae: int, layout, device) -> list[Member]:
+def build_members(cfg, d_in: int, d_sae: int, layout, device, data_mean: torch.Tensor) -> list[Member]:
     """One Member per SAE of the run. The global RNG is rewound before each SAE is initialised,
-    so every member starts exactly as the single run with its value would."""
+    so every member starts exactly as the single run with its value would. ``data_mean``: the
+    (scaled) training rows' mean, b_dec's start under ``--b-dec-init mean``."""
     rng = capture_rng_state()
     members = []
     for name, member_cfg in cfg.members():
@@ -83,6 +86,9 @@ def build_members(cfg, d_in: int, d_sae: int, layout, device) -> list[Member]:
             encoder_init_scale=member_cfg.encoder_init_scale,
             apply_b_dec_to_input=member_cfg.apply_b_dec_to_input,
         )
+        if member_cfg.b_dec_init == "mean":
+            with torch.no_grad():
+                sae.b_dec.copy_(data_mean)
         optimizer, scheduler = build_optimizer(sae, member_cfg)
         coefficient = sparsity_coefficient(member_cfg)
         members.append(Member(name, member_cfg, sae, optimizer, scheduler, coefficient, FiringTracker.for_sae(sae)))

@@ -3,9 +3,9 @@
 Activations live on disk as ``.npy`` or ``.safetensors`` files of shape [N, d_in], or as a folder
 of such shards. ``open_activations`` indexes them without loading them (rows of both formats are
 read through a memory map), ``ShuffledBatches`` turns them into an exactly resumable stream of
-finite fp32 batches (the next one read on a background thread), and ``estimate_scale`` finds the
-one scalar c with E‖c·x‖² = 1 that the recipe's ε and θ₀ are calibrated for
-(docs/method.md#input-scale).
+finite fp32 batches (the next one read on a background thread), and ``sample_statistics`` finds
+the one scalar c with E‖c·x‖² = 1 that the recipe's ε and θ₀ are calibrated for
+(docs/method.md#input-scale) and the rows' mean (the default recipe's initial b_dec).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ __all__ = [
     "TensorStore",
     "estimate_scale",
     "open_activations",
+    "sample_statistics",
     "split_holdout",
 ]
 
@@ -382,7 +383,13 @@ class ShuffledBatches:
 
 
 def estimate_scale(source, num_rows: int = 65536, seed: int = 0) -> float:
-    """The scalar c with mean ‖c·x‖² = 1 over a random sample of finite rows: c = 1/sqrt(mean ‖x‖²).
+    """The scalar c of ``sample_statistics``."""
+    return sample_statistics(source, num_rows, seed)[0]
+
+
+def sample_statistics(source, num_rows: int = 65536, seed: int = 0) -> tuple[float, torch.Tensor]:
+    """(c, mean) over a random sample of finite rows: the scalar c with mean ‖c·x‖² = 1, that is
+    c = 1/sqrt(mean ‖x‖²), and the rows' mean (fp64, unscaled).
 
     ``source`` is an ActivationStore or a ShuffledBatches (its store and index subset are used;
     the iterator is not advanced, so estimating does not change what training sees).
@@ -400,4 +407,4 @@ def estimate_scale(source, num_rows: int = 65536, seed: int = 0) -> float:
     mean_sq = float((x * x).sum(dim=1).mean())
     if not mean_sq > 0.0 or not np.isfinite(mean_sq):
         raise ActivationError(f"cannot estimate the input scale: mean ‖x‖² over the sample is {mean_sq}")
-    return 1.0 / float(np.sqrt(mean_sq))
+    return 1.0 / float(np.sqrt(mean_sq)), x.mean(dim=0)

@@ -16,8 +16,8 @@ from .activations import (
     ActivationError,
     ShuffledBatches,
     TensorStore,
-    estimate_scale,
     open_activations,
+    sample_statistics,
     split_holdout,
 )
 
@@ -29,6 +29,7 @@ class TrainingData:
     eval_indices: np.ndarray
     d_in: int
     input_scale: float  # c with E‖c·x‖² = 1 over the training rows
+    input_mean: torch.Tensor  # the training rows' mean (unscaled, fp64), from the same sample
     model: Any = None  # harvest.LoadedModel, for the downstream evaluation
     eval_tokens: Any = None  # harvest.TokenBatch of the held-out sequences
     metadata: dict = field(default_factory=dict)  # SAELens cfg metadata
@@ -110,7 +111,7 @@ def _from_files(cfg, device, layout) -> TrainingData:
         eval_store=eval_store,
         eval_indices=eval_idx,
         d_in=store.d_in,
-        input_scale=_input_scale(train, cfg.seed, source),
+        **_input_statistics(train, cfg.seed, source),
         metadata={"dataset_path": str(cfg.activations)},
         source=source,
         eval_source=cfg.eval_activations,
@@ -164,16 +165,13 @@ def _from_model(cfg, device, layout) -> TrainingData:
     first = train.current_fill()  # harvested now: the input scale is estimated on it
     if first.whole_pass:
         _check_batch_size(cfg, first.rows.shape[0], source)
-    try:
-        input_scale = estimate_scale(train.scale_store(), seed=cfg.seed)
-    except ActivationError as e:  # all rows NaN/Inf: say which data
-        raise ActivationError(f"{source}: {e}") from e
+    statistics = _input_statistics(train.scale_store(), cfg.seed, source)
     return TrainingData(
         train=train,
         eval_store=eval_store,
         eval_indices=np.arange(eval_store.num_rows if eval_store else 0),
         d_in=model.d_model,
-        input_scale=input_scale,
+        **statistics,
         source=source,
         model=model,
         eval_tokens=eval_tokens,
@@ -197,11 +195,14 @@ def _check_batch_size(cfg, train_rows: int, source: str) -> None:
         )
 
 
-def _input_scale(train: ShuffledBatches, seed: int, source: str) -> float:
+def _input_statistics(rows, seed: int, source: str) -> dict:
+    """TrainingData's input_scale and input_mean, from a sample of ``rows`` (a ShuffledBatches or a
+    store)."""
     try:
-        return estimate_scale(train, seed=seed)
+        scale, mean = sample_statistics(rows, seed=seed)
     except ActivationError as e:  # all rows NaN/Inf: say which data
         raise ActivationError(f"{source}: {e}") from e
+    return {"input_scale": scale, "input_mean": mean}
 
 
 def _harvest_shared(model, tokens, layout) -> torch.Tensor:
