@@ -239,8 +239,10 @@ class TrainConfig:
 
     recipe: str = _f(
         "default",
-        "default: the paper's recipe with the changes measured to give better SAEs (encoder init 0.1, gradient "
-        "clipping at 1; docs/method.md#deviations-from-the-papers-recipe); paper: Rajamanoharan et al. 2024 exactly",
+        "default: the paper's recipe with the changes measured to give better SAEs against SAELens's trainer "
+        "(encoder init 0.1, b_dec from the data mean, encoder input x - b_dec, raw theta at 0.3 x lr, gradient "
+        "clipping at 1, lr decayed over the last 20%; docs/method.md#deviations-from-the-papers-recipe); "
+        "paper: Rajamanoharan et al. 2024 exactly",
     )
 
     # --- runtime ---
