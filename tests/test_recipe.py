@@ -115,7 +115,7 @@ def test_recipe_presets():
     assert default.recipe == "default"
     # The measured default (docs/method.md#ablations): scaled encoder init, b_dec-centred encoder
     # input, clipping, the lr decayed over the last 20% of the steps.
-    assert (default.encoder_init_scale, default.apply_b_dec_to_input) == (0.1, True)
+    assert (default.encoder_init_scale, default.apply_b_dec_to_input) == (0.2, True)
     assert (default.max_grad_norm, default.lr_decay, default.b_dec_init) == (1.0, "tail", "mean")
     paper = parse_args(["--activations", "a.npy", "--recipe", "paper"])
     assert {k: getattr(paper, k) for k in PAPER_RECIPE} == PAPER_RECIPE
@@ -217,6 +217,6 @@ def test_the_encoder_starts_as_a_scaled_decoder_transpose():
     torch.testing.assert_close(paper.W_enc, paper.W_dec.t())
     torch.testing.assert_close(scaled.W_dec, paper.W_dec)
     torch.testing.assert_close(scaled.W_enc, 0.1 * paper.W_dec.t())
-    assert parse_args(["--activations", "a.npy"]).encoder_init_scale == 0.1
+    assert parse_args(["--activations", "a.npy"]).encoder_init_scale == 0.2
     with pytest.raises(ValueError, match="encoder_init_scale"):
         JumpReLUSAE(D_IN, 32, encoder_init_scale=0.0)

@@ -199,7 +199,7 @@ class TrainConfig:
         "(docs/trainer.md#reaching-a-target-l0)" + SWEEP_HELP.format(example="20,40,80", name="target_l0"),
     )
     encoder_init_scale: float = _f(
-        0.1, "initial encoder W_enc = this * W_dec^T (the paper: 1; 0.1 measured better, docs/method.md#ablations)"
+        0.2, "initial encoder W_enc = this * W_dec^T (the paper: 1; 0.2 measured better, docs/method.md#ablations)"
     )
     b_dec_init: str = _f(
         "mean",
@@ -240,7 +240,7 @@ class TrainConfig:
     recipe: str = _f(
         "default",
         "default: the paper's recipe with the changes measured to give better SAEs against SAELens's trainer "
-        "(encoder init 0.1, b_dec from the data mean, encoder input x - b_dec, raw theta at 0.3 x lr, gradient "
+        "(encoder init 0.2, b_dec from the data mean, encoder input x - b_dec, raw theta at 0.3 x lr, gradient "
         "clipping at 1, lr decayed over the last 20%; docs/method.md#deviations-from-the-papers-recipe); "
         "paper: Rajamanoharan et al. 2024 exactly",
     )
