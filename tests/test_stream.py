@@ -146,7 +146,8 @@ def _save(state):
 
 
 def test_a_text_that_fits_in_one_fill_is_harvested_once(gpt2, tiny):
-    batches = stream(gpt2, tiny[1], buffer_tokens=10**6)
+    messages = []
+    batches = stream(gpt2, tiny[1], buffer_tokens=10**6, log=messages.append)
     calls, original = {"n": 0}, batches._harvest_share
 
     def counting(tokens):
@@ -158,6 +159,7 @@ def test_a_text_that_fits_in_one_fill_is_harvested_once(gpt2, tiny):
         next(batches)
     batches.close()
     assert calls["n"] == 1 and batches.fill_index >= 2
+    assert f"pass 2 over {tiny[1]} begins, its one fill reshuffled" in messages[0]
 
 
 def model_flags(tiny, out, *extra):

@@ -265,9 +265,11 @@ class StreamedBatches:
             if end[0] > start[0]:
                 self.rows_per_pass = self._counting[1]
         if start[0] > 0 and self._is_pass_start(start):
+            pieces = len(self._pieces())
+            order = "its one fill reshuffled" if pieces == 1 else f"its {pieces} pieces in a new order"
             self.log(
-                f"stream: the text ran out; pass {start[0] + 1} over {self.dataset} begins, its "
-                f"{len(self._pieces())} pieces in a new order (fill {self.fill_index})"
+                f"stream: the text ran out; pass {start[0] + 1} over {self.dataset} begins, {order} "
+                f"(fill {self.fill_index})"
             )
         if self._expect_rows is not None and rows.shape[0] != self._expect_rows:
             raise ActivationError(
