@@ -403,7 +403,8 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 5))
+    columns = -(-len({(r["label"], r["steps"]) for r in results}) // 20)  # legend columns of ≤ 20 entries
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12 + 3 * columns, 5))
     colors = {}
     palette = [f"C{i}" for i in range(10)] + ["olive", "teal", "navy", "gold"]  # SAELens is black
     for key in sorted({(r["label"], r["steps"]) for r in results}):
@@ -431,9 +432,10 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     ax.set_title("reconstruction vs sparsity")
     ax2.set_ylabel("dead features (% never firing on held-out rows)")
     ax2.set_title("dead features")
-    fig.legend(*ax.get_legend_handles_labels(), loc="center right", fontsize=8)  # outside: no point hidden
+    # Outside the axes, so no point is hidden.
+    fig.legend(*ax.get_legend_handles_labels(), loc="center right", fontsize=8, ncol=columns)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 0.84, 1))
+    fig.tight_layout(rect=(0, 0, 1 - 3 * columns / (12 + 3 * columns), 0.95))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
