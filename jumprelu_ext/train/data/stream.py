@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import islice
 
 import numpy as np
@@ -75,6 +76,13 @@ def heldout_windows(loaded, dataset, spec, max_tokens, fraction: float, most: in
     keep = frozenset(int(i) for i in chosen)
     rows = [row for i, (row, _) in enumerate(pool()) if i in keep]
     return windows_to_batch(rows, spec), keep
+
+
+@lru_cache(maxsize=2)  # asked once per window read: the pass being read (and the next)
+def _piece_order(seed: int, pass_: int, pieces: int) -> np.ndarray:
+    """The order a later pass reads its pieces in: a PCG64 permutation seeded with (seed, pass)."""
+    generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, pass_, _PASS_ORDER])))
+    return generator.permutation(pieces)
 
 
 @dataclass
@@ -125,7 +133,6 @@ class StreamedBatches:
         self.fill_index, self.position = 0, 0
         self._start = (0, 0, None)  # (pass, piece, TextPosition or None for the piece's start)
         self._first_pass_fills: list[TextPosition] = []  # where they start: the pieces of later passes
-        self._orders: dict[int, np.ndarray] = {}  # pass -> its order of the pieces
         self._fill: _Fill | None = None
         self._expect_rows = None  # a resumed fill's row count, checked when it is harvested again
         self._windows = None  # (pass, position it is at, generator): continues from fill to fill
@@ -164,12 +171,6 @@ class StreamedBatches:
         starts, n = self._first_pass_fills, len(self._first_pass_fills)
         return starts if n <= MAX_PIECES else [starts[j * n // MAX_PIECES] for j in range(MAX_PIECES)]
 
-    def _pass_order(self, pass_: int, pieces: int) -> np.ndarray:
-        if pass_ not in self._orders:
-            seed = np.random.SeedSequence([self.seed, pass_, _PASS_ORDER])
-            self._orders = {pass_: np.random.Generator(np.random.PCG64(seed)).permutation(pieces)}
-        return self._orders[pass_]
-
     def _next_row(self, pass_: int, piece: int, pos: TextPosition | None):
         """The training window after (piece, ``pos``) in pass ``pass_``: (row, its piece, the
         position after it), or None when the pass is over. The first pass reads the text in order;
@@ -178,7 +179,7 @@ class StreamedBatches:
             nxt = self._next_window(0, pos or TextPosition())
             return None if nxt is None else (nxt[0], 0, nxt[1])
         starts = self._pieces()
-        order = self._pass_order(pass_, len(starts))
+        order = _piece_order(self.seed, pass_, len(starts))
         while piece < len(order):
             first = int(order[piece])
             end = starts[first + 1].window if first + 1 < len(starts) else None
