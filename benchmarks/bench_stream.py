@@ -4,6 +4,8 @@ pydoc-topics, batch 4096, d_sae 3072).
 
     python benchmarks/bench_stream.py                                  # 0.5M and 5M tokens
     python benchmarks/bench_stream.py --tokens 65536,655360 --buffer-tokens 16384
+    python benchmarks/random_model.py /tmp/gpt2-random                 # a GPU machine without weights:
+    python benchmarks/bench_stream.py --device cuda --model /tmp/gpt2-random --layer 6 --expansion-factor 32
 
 Every measurement runs in a process of its own (peak RSS is per process):
 
@@ -19,10 +21,12 @@ count over the same loop of batches; start-up (model load, held-out set, first f
 all three (a run stopped by SIGTERM reports the steps it logged and their median rate). Peak RSS
 is the process's ``ru_maxrss``; the RSS is also sampled every few seconds, so
 a row shows whether it levels off or keeps growing. ``cpu_cores`` is the process's CPU time over
-its wall time (how many cores it kept busy). ``--expansion-factor`` sets the SAE's size in
-``train`` and ``stream`` (8, the preset's, by default; a smaller SAE makes a long run
-harvest-bound and quicker). A row per measurement goes to
-``benchmarks/results/<time>_cpu_stream.jsonl``, a table and the ratios to stdout:
+its wall time (how many cores it kept busy); on CUDA a row also has the peak GPU memory
+allocated. ``--expansion-factor`` sets the SAE's size in ``train`` and ``stream`` (8, the
+preset's, by default; a smaller SAE makes a long run harvest-bound and quicker). ``--model``
+(with ``--layer`` and ``--dataset``) replaces the embedded model; the rest of the preset's shape
+(context 128, batch 4096) stays. A row per measurement goes to
+``benchmarks/results/<time>_<device>_stream.jsonl`` (or ``--out``), a table and the ratios to stdout:
 
 - streamed / the slower of harvest and train alone (the overlap target), and streamed / the
   serial rate 1 / (1/harvest + 1/train) (what running the two one after the other would give);
@@ -34,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -45,13 +48,16 @@ import time
 from pathlib import Path
 
 import torch
+from harness import environment
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 4096
 
 
-def _train_flags(out: Path, steps: int, buffer_tokens: int) -> list[str]:
+def _train_flags(out: Path, steps: int, buffer_tokens: int, args) -> list[str]:
     return [
+        "--batch-size",
+        str(BATCH),
         "--out",
         str(out),
         "--steps",
@@ -61,7 +67,7 @@ def _train_flags(out: Path, steps: int, buffer_tokens: int) -> list[str]:
         "--checkpoint-every",
         "0",
         "--device",
-        "cpu",
+        args.device,
         "--buffer-tokens",
         str(buffer_tokens),
         "--lr-warmup-steps",
@@ -69,6 +75,14 @@ def _train_flags(out: Path, steps: int, buffer_tokens: int) -> list[str]:
         "--sparsity-warmup-steps",
         str(min(200, steps)),
     ]
+
+
+def _model_flags(args) -> list[str]:
+    """The model, layer and text to stream, as the trainer and ``jumprelu_ext.cache`` take them: the
+    embedded preset's unless --model is given."""
+    if args.model is None:
+        return []
+    return ["--model", args.model, "--layer", str(args.layer), "--dataset", args.dataset, "--context-length", "128"]
 
 
 def _rss_mib() -> float:
@@ -82,28 +96,31 @@ def _sample_rss(samples: list, stop: threading.Event, every: float) -> None:
         samples.append([round(time.perf_counter() - start, 1), round(_rss_mib())])
 
 
-def child(mode: str, tokens: int, buffer_tokens: int, cache: str, out: Path, expansion: int) -> dict:
-    """One measurement in this process: tokens/s over the loop, the process's peak RSS, RSS samples."""
+def child(mode: str, tokens: int, buffer_tokens: int, cache: str, out: Path, args) -> dict:
+    """One measurement in this process: tokens/s over the loop, the process's peak RSS (and on
+    CUDA its peak GPU memory), RSS samples."""
     samples, stop = [], threading.Event()
     sampler = threading.Thread(target=_sample_rss, args=(samples, stop, 5.0), daemon=True)
     sampler.start()
     wall, cpu = time.perf_counter(), time.process_time()
-    row = _measure(mode, tokens, buffer_tokens, cache, out, expansion)
+    row = _measure(mode, tokens, buffer_tokens, cache, out, args)
     cores = (time.process_time() - cpu) / (time.perf_counter() - wall)
     stop.set()
     sampler.join()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.device == "cuda":
+        row["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return {**row, "peak_rss_mib": peak, "cpu_cores": round(cores, 2), "rss_samples": samples}
 
 
-def _measure(mode: str, tokens: int, buffer_tokens: int, cache: str, out: Path, expansion: int) -> dict:
+def _measure(mode: str, tokens: int, buffer_tokens: int, cache: str, out: Path, args) -> dict:
     steps = max(1, tokens // BATCH)
     if mode == "harvest":
         from jumprelu_ext.train import distributed
         from jumprelu_ext.train.config import parse_args
         from jumprelu_ext.train.data.prepare import prepare_data
 
-        cfg = parse_args(_train_flags(out, steps, buffer_tokens))  # the embedded default preset
+        cfg = parse_args([*_model_flags(args), *_train_flags(out, steps, buffer_tokens, args)])
         layout, device = distributed.init(cfg.device, False)
         data = prepare_data(cfg, device, layout)
         data.train.close()
@@ -111,13 +128,17 @@ def _measure(mode: str, tokens: int, buffer_tokens: int, cache: str, out: Path, 
         start = time.perf_counter()
         for _ in range(steps):
             next(data.train)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         rate = steps * BATCH / (time.perf_counter() - start)
     else:
         from jumprelu_ext.train import loop
 
-        flags = [*_train_flags(out, steps, buffer_tokens), "--expansion-factor", str(expansion)]
-        if mode == "train":
-            flags = ["--activations", cache, "--batch-size", str(BATCH), *flags]
+        flags = [*_train_flags(out, steps, buffer_tokens, args), "--expansion-factor", str(args.expansion_factor)]
+        if mode == "stream":
+            flags = [*_model_flags(args), *flags]
+        else:
+            flags = ["--activations", cache, *flags]
             flags += ["--lr", "7e-4", "--threshold-lr", "2e-2", "--init-threshold", "0.02", "--bandwidth", "0.01"]
             flags += ["--l0-coefficient", "4e-3"]
         code = loop.main(flags)
@@ -139,27 +160,29 @@ def main() -> None:
     p.add_argument("--modes", default="harvest,train,stream", help="which measurements, comma-separated")
     p.add_argument("--rate-tokens", type=int, default=None, help="run harvest and train only at this count")
     p.add_argument("--expansion-factor", type=int, default=8, help="the SAE's d_sae / d_model in train and stream")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--model", default=None, help="a model folder or name instead of the embedded model")
+    p.add_argument("--layer", type=int, default=6, help="the block to hook, with --model")
+    p.add_argument("--dataset", default="pydoc-topics", help="the text, with --model")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the JSON lines")
     p.add_argument("--child", nargs=4, metavar=("MODE", "TOKENS", "BUFFER", "CACHE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         mode, tokens, buffer_tokens, cache = args.child
         with tempfile.TemporaryDirectory() as tmp:
-            row = child(mode, int(tokens), int(buffer_tokens), cache, Path(tmp) / "run", args.expansion_factor)
+            row = child(mode, int(tokens), int(buffer_tokens), cache, Path(tmp) / "run", args)
             print("RESULT " + json.dumps(row), flush=True)
         return
 
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    results = ROOT / "benchmarks" / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}_cpu_stream.jsonl"
-    results.parent.mkdir(exist_ok=True)
+    results = args.out / f"{time.strftime('%Y%m%d-%H%M%S')}_{args.device}_stream.jsonl"
+    results.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     setting = {
         "buffer_tokens": args.buffer_tokens,
         "expansion_factor": args.expansion_factor,
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "device": _cpu_name(),
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "model": args.model or "embedded",
+        **environment(torch.device(args.device)),
     }
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache"
@@ -169,7 +192,7 @@ def main() -> None:
             cache_tokens = str(min(131072, max(counts)))
             subprocess.run(
                 [sys.executable, "-m", "jumprelu_ext.cache", "--out", str(cache), "--max-tokens", cache_tokens]
-                + ["--device", "cpu"],
+                + ["--device", args.device, *_model_flags(args)],
                 check=True,
                 env=env,
                 capture_output=True,
@@ -179,7 +202,7 @@ def main() -> None:
                 if args.rate_tokens and mode != "stream" and tokens != args.rate_tokens:
                     continue
                 command = [sys.executable, __file__, "--child", mode, str(tokens), str(args.buffer_tokens), str(cache)]
-                command += ["--expansion-factor", str(args.expansion_factor)]
+                command += sys.argv[1:]  # the same device, model and SAE size
                 done = subprocess.run(command, capture_output=True, text=True, env=env)
                 line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
@@ -191,19 +214,12 @@ def main() -> None:
                 print(
                     f"{row['mode']:8s} {row['train_tokens']:>9d} tokens  {row['tokens_per_s']:>9.0f} tok/s  "
                     f"peak RSS {row['peak_rss_mib']:7.0f} MiB  {row['cpu_cores']:.2f} cores busy"
+                    + (f"  peak GPU {row['peak_gpu_mib']:7.0f} MiB" if "peak_gpu_mib" in row else "")
                     + (f"  (stopped early; {tokens} planned)" if row.get("stopped") else ""),
                     flush=True,
                 )
     _summarise(rows)
     print(f"results in {results}")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def _summarise(rows: list[dict]) -> None:

@@ -2,12 +2,15 @@
 # Everything the GPU machine has to prove, in one run of at most 8 minutes: build for the GPU's own
 # architecture, the whole test suite with the CUDA tests enabled, compute-sanitizer on the op
 # tests, the op / training-step / firing benchmarks, an ncu profile of the kernels, the trainer
-# end to end on the GPU (bf16, a checkpoint and a --resume) and the single-GPU scale-out baseline.
-# Every step runs even when one fails; the exit status says whether all passed.
+# end to end on the GPU (bf16, a checkpoint and a --resume), the single-GPU scale-out baseline and
+# streaming from a model (harvest, SAE steps and the two overlapped). Every step runs even when one
+# fails; the exit status says whether all passed.
 #
 #   usage: benchmarks/gpu_check.sh OUT_DIR          on the GPU machine
 #          benchmarks/gpu_check.sh OUT_DIR --dry    here: every step's command on the CPU at tiny
 #                                                   sizes (no build, no sanitizer, no ncu)
+#   GPU_CHECK_STEPS="build tests" benchmarks/gpu_check.sh OUT_DIR    only the steps named (a rerun
+#                                                   of what failed or ran out of time)
 #
 # At most 8 files come back from the GPU machine, so OUT_DIR ends with four: summary.txt (this
 # script's output), RESULTS.md (benchmarks/RESULTS.md with the new sections), logs.tar.gz (one
@@ -20,6 +23,8 @@ mkdir -p "$out/logs" "$out/results"
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+# The package is built in place there, not installed: the benchmarks import it from the checkout.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 deadline=$((SECONDS + 470)) # 8 minutes, less the packing at the end
 exec > >(tee "$out/summary.txt") 2>&1
@@ -29,6 +34,9 @@ exec > >(tee "$out/summary.txt") 2>&1
 step() {
   local name=$1 limit=$2 start=$SECONDS
   shift 2
+  if [[ -n "${GPU_CHECK_STEPS:-}" && " $GPU_CHECK_STEPS " != *" $name "* ]]; then
+    return
+  fi
   limit=$((limit < deadline - SECONDS ? limit : deadline - SECONDS))
   if ((limit <= 0)); then
     echo "== $name: SKIPPED, no time left before the deadline"
@@ -55,6 +63,8 @@ if ((dry)); then
   dist_args=(--d-in 32 --d-sae 256 --batch 64 --steps 3 --warmup-steps 1)
   e2e_rows=2000
   e2e_flags=(--device cpu --d-sae 64 --batch-size 128)
+  random_model_args=(--layers 2 --width 64 --heads 2)
+  stream_args=(--layer 1 --tokens 8192,16384 --buffer-tokens 4096 --expansion-factor 2)
   markdown=$out/RESULTS.md # a dry run never touches the real results
   cp benchmarks/RESULTS.md "$markdown"
   echo "dry run on the CPU ($(nproc) cores), $("$python" -c 'import torch; print("torch", torch.__version__)')" |
@@ -69,6 +79,8 @@ else
   dist_args=(--world-sizes 1)
   e2e_rows=200000
   e2e_flags=(--device cuda --dtype bfloat16 --d-sae 16384 --batch-size 4096)
+  random_model_args=()                                                      # GPT-2 small's shape
+  stream_args=(--layer 6 --tokens 1048576,4194304 --rate-tokens 1048576 --expansion-factor 32) # d_sae 24576
   markdown=benchmarks/RESULTS.md
   {
     nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader
@@ -104,7 +116,7 @@ fi
 step bench_ops 150 "$python" benchmarks/bench_ops.py "${ops_args[@]}" --out "$out/results" --markdown "$markdown"
 step bench_train 90 "$python" benchmarks/bench_train.py --device "$device" "${sizes[@]}" "${train_args[@]}" \
   --out "$out/results" --markdown "$markdown"
-step bench_firing 45 "$python" benchmarks/bench_firing.py --device "$device" --pairs 9 "${firing_args[@]}" \
+step bench_firing 45 "$python" benchmarks/bench_firing.py --device "$device" --rounds 9 "${firing_args[@]}" \
   --out "$out/results" --markdown "$markdown"
 if ((!dry)); then
   # A few key metrics per kernel: what limits it when a bandwidth target is missed.
@@ -122,6 +134,14 @@ step train_resumed 60 "$python" "${e2e[@]}" --steps 80 --resume
 rm -f "$out/acts.npy" "$out/results/e2e/checkpoint.pt" "$out/results/e2e/sae_weights.safetensors"
 step bench_distributed 90 "$python" benchmarks/bench_distributed.py --device "$device" "${dist_args[@]}" \
   --out "$out/results" --markdown "$markdown"
+
+# Streaming from a model: the harvest alone, the SAE alone and the two overlapped (on CUDA the
+# producer harvests on a stream of its own), and memory against training tokens. No weights
+# there, so a randomly initialised GPT-2: its forward costs what a trained one's does.
+step random_model 60 "$python" benchmarks/random_model.py "$out/gpt2-random" "${random_model_args[@]}"
+step bench_stream 150 "$python" benchmarks/bench_stream.py --device "$device" --model "$out/gpt2-random" \
+  "${stream_args[@]}" --out "$out/results"
+rm -rf "$out/gpt2-random"
 
 if ((!dry)); then cp benchmarks/RESULTS.md "$out/RESULTS.md"; fi
 tar czf "$out/logs.tar.gz" -C "$out" logs results && rm -rf "$out/logs" "$out/results"

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 pytest.importorskip("transformers")
 
 from _tiny_models import WORDS, save_tiny_gpt2
+from conftest import DEVICES
 
 from jumprelu_ext.train import loop as train
 from jumprelu_ext.train.data import harvest as harvest_module
@@ -277,13 +278,18 @@ def test_bad_streaming_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, monk
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
 
 
-def test_the_producer_thread_changes_nothing_but_timing(gpt2, tiny):
-    tokens = tokenize(gpt2.tokenizer, iter_texts(str(tiny[1])), 16, gpt2.is_causal_lm)
-    reference = harvest(gpt2, tokens)
-    with_thread, without = stream(gpt2, tiny[1]), stream(gpt2, tiny[1], prefetch=False)
+@pytest.mark.parametrize("device", DEVICES)  # on CUDA the producer harvests on a stream of its own
+def test_the_producer_thread_changes_nothing_but_timing(gpt2, tiny, device):
+    model = gpt2 if device == "cpu" else load_model(str(tiny[0]), layer=1, device=device)
+    tokens = tokenize(model.tokenizer, iter_texts(str(tiny[1])), 16, model.is_causal_lm)
+    reference = harvest(model, tokens)
+    with_thread = stream(model, tiny[1], device=device)
+    without = stream(model, tiny[1], device=device, prefetch=False)
     for i in range(60):
-        assert torch.equal(next(with_thread), next(without))
+        batch = next(with_thread)
+        assert batch.device.type == device
+        assert torch.equal(batch, next(without))
         if i % 10 == 0:  # the main thread uses the model while the producer harvests with it
-            assert torch.equal(harvest(gpt2, tokens), reference)
+            assert torch.equal(harvest(model, tokens), reference)
     assert with_thread._producer is not None  # the next fill is on its way
     with_thread.close()
