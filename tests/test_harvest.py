@@ -1,6 +1,9 @@
 """Text sources, model loading, tokenization into windows, and harvesting the hooked block's output."""
 
 import json
+import re
+import sys
+import types
 
 import pytest
 import torch
@@ -19,7 +22,7 @@ from jumprelu_ext.train.data.harvest import (
     splice,
     tokenize,
 )
-from jumprelu_ext.train.data.text import EMBEDDED_DATASET, TextError
+from jumprelu_ext.train.data.text import EMBEDDED_DATASET, TextError, iter_texts
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +97,59 @@ def test_a_folder_is_its_files_in_path_order(tmp_path):
     (tmp_path / "notes.md").write_text("ignored")
     assert read_texts(str(tmp_path)) == ["one", "two", "three"]
     assert read_texts(str(tmp_path), max_documents=2) == ["one", "two"]
+
+
+def test_parquet_reads_the_text_column_across_row_groups(tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    texts = [f"document {i}" if i % 7 else (None if i % 2 else " ") for i in range(2500)]
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"id": range(2500), "text": texts}), path, row_group_size=700)
+    expected = [t for t in texts if t and t.strip()]  # empty and missing texts are skipped
+    assert read_texts(str(path)) == expected
+    (tmp_path / "z.jsonl").write_text(json.dumps({"text": "last"}) + "\n")
+    assert read_texts(str(tmp_path)) == [*expected, "last"]  # a folder mixes the formats
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ({"body": ["x"]}, "has no column 'text' (columns: ['body'])"),
+        ({"text": [1, 2]}, "column 'text' holds int64, not strings"),
+        ({"text": ["", None]}, "contains no text"),
+        (None, "cannot read as .parquet"),
+    ],
+)
+def test_bad_parquet_names_the_file_and_the_problem(tmp_path, table, message):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "bad.parquet"
+    if table is None:
+        path.write_bytes(b"PAR1 truncated")
+    else:
+        pq.write_table(pa.table(table), path)
+    with pytest.raises(TextError, match=re.escape(message)) as info:
+        read_texts(str(path))
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_hub_name_is_streamed_with_datasets(monkeypatch):
+    # A stand-in for the datasets package (the hub cannot be reached from the tests): what we ask
+    # of it, and what we make of its records.
+    calls = []
+
+    def load_dataset(name, **kwargs):
+        calls.append((name, kwargs))
+        return iter([{"text": "one", "id": 1}, {"text": " "}, {"text": "two"}, {"text": "three"}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert read_texts("org/corpus") == ["one", "two", "three"]
+    assert calls == [("org/corpus", {"split": "train", "streaming": True})]
+    assert list(iter_texts("org/corpus", start=1)) == ["two", "three"]  # where a resumed stream starts
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *a, **k: [{"body": "x"}]))
+    with pytest.raises(
+        TextError, match=re.escape("dataset 'org/corpus': records have no 'text' field (fields: ['body'])")
+    ):
+        read_texts("org/corpus")
 
 
 def test_hub_dataset_failure_is_a_one_line_user_error(monkeypatch):

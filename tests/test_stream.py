@@ -240,6 +240,16 @@ def test_a_streamed_run_killed_between_checkpoints_resumes_to_the_same_weights(t
     assert json.loads((out / "eval.json").read_text())["steps"] == 40
 
 
+def test_a_parquet_text_trains_exactly_as_the_same_text_file(tiny, tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    parquet = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": list(iter_texts(str(tiny[1])))}), parquet, row_group_size=50)
+    assert train.main(model_flags(tiny, tmp_path / "txt")) == 0
+    assert train.main(model_flags((tiny[0], parquet), tmp_path / "parquet")) == 0
+    ours, theirs = (load_file(tmp_path / run / "sae_weights.safetensors") for run in ("parquet", "txt"))
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
 def write_parquet_stub(path):
     path.write_bytes(b"PAR1 not really parquet PAR1")
     return path
