@@ -108,6 +108,10 @@ def test_parquet_reads_the_text_column_across_row_groups(tmp_path):
     assert read_texts(str(path)) == expected
     (tmp_path / "z.jsonl").write_text(json.dumps({"text": "last"}) + "\n")
     assert read_texts(str(tmp_path)) == [*expected, "last"]  # a folder mixes the formats
+    for kind in ("large_string", "string_view"):  # every arrow string type reads the same
+        other = tmp_path / f"{kind}.parquet"
+        pq.write_table(pa.table({"text": pa.array(texts, type=getattr(pa, kind)())}), other)
+        assert read_texts(str(other)) == expected
 
 
 @pytest.mark.parametrize(

@@ -82,7 +82,7 @@ def _parquet_documents(path: Path) -> Iterator[str]:
     if "text" not in source.schema_arrow.names:
         raise TextError(f"{path}: has no column 'text' (columns: {source.schema_arrow.names})")
     column_type = source.schema_arrow.field("text").type
-    if str(column_type) not in ("string", "large_string"):  # ints would otherwise read as "no text"
+    if str(column_type) not in ("string", "large_string", "string_view"):  # ints would read as "no text"
         raise TextError(f"{path}: column 'text' holds {column_type}, not strings")
     for batch in source.iter_batches(columns=["text"], batch_size=1024):
         for text in batch.column(0).to_pylist():
