@@ -2,11 +2,12 @@
 // (cpu/sparse_*.cpp, cuda/sparse_*.cu). The format and the math: docs/ops.md#the-sparse-step.
 //
 // An SAE batch's activations are kept row-compressed (CSR) over their *support*: the entries
-// that are active (pre > θ), in θ's window (|pre − θ| < ε/2, the rectangle kernel's support), or
-// NaN. Per row r the entries are offsets[r] … offsets[r+1]−1, features ascending. Wrappers
-// validate, allocate and do the per-entry arithmetic in ATen; kernels do the row- and
-// feature-wise loops. Everything but `select` runs in the compute dtype (float32, or float64
-// for float64 inputs): the wrappers cast operands, so those kernels dispatch on two dtypes.
+// that are active (pre > θ), in θ's window (window.h's rule for |pre − θ| < ε/2, the rectangle
+// kernel's support), or whose value pre·H(pre − θ) is NaN (as in the dense step: NaN, −inf). Per
+// row r the entries are offsets[r] … offsets[r+1]−1, features ascending. Wrappers validate,
+// allocate and do the per-entry arithmetic in ATen; kernels do the row- and feature-wise loops.
+// Everything but `select` runs in the compute dtype (float32, or float64 for float64 inputs): the
+// wrappers cast operands, so those kernels dispatch on two dtypes.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -15,22 +16,24 @@
 
 namespace jumprelu_ext {
 
-// flags[e]: why entry e is in the support (NaN entries carry neither bit).
+// flags[e]: why entry e is in the support.
 constexpr uint8_t kActive = 1;  // pre > θ: the entry's value is pre
 constexpr uint8_t kWindow = 2;  // K((pre−θ)/ε) = 1: the entry feeds the θ gradient
+// (An entry kept only because its value is NaN carries neither bit.)
 
 // One chunk of rows of pre → its support. The kernel allocates the variable-length outputs.
 struct SelectArgs {
-  at::Tensor pre;          // [rows, features], contiguous; float32/64, float16, bfloat16
-  at::Tensor threshold;    // [features], contiguous; pre's dtype or float32
-  double bandwidth = 0;    // ε > 0, finite (checked by the wrapper)
-  at::Tensor fire_counts;  // [features] int64 or undefined: gains each feature's rows with value != 0
+  at::Tensor pre;        // [rows, features], contiguous; float32/64, float16, bfloat16
+  at::Tensor threshold;  // [features], contiguous; pre's dtype or float32
+  double bandwidth = 0;  // ε > 0, finite (checked by the wrapper)
+  at::Tensor
+      fire_counts;  // [features] int64 or undefined: gains each feature's rows with value != 0
 };
 
 struct Support {
   at::Tensor row_counts;  // [rows] int64: entries per row
   at::Tensor indices;     // [nnz] int64: features, ascending within a row
-  at::Tensor values;      // [nnz] compute dtype: pre·H(pre−θ) (0 for window-only entries, NaN for NaN)
+  at::Tensor values;      // [nnz] compute dtype: pre·H(pre−θ) (±0 for window-only entries)
   at::Tensor flags;       // [nnz] uint8: kActive | kWindow
   at::Tensor l0;          // [rows] float32: Σ_features H(pre−θ), exactly as jumprelu_l0's
 };
@@ -59,13 +62,14 @@ struct SddmmArgs {
 //   sums[f] = Σ values[e]                         (∂b_enc, the θ gradient's terms)
 // Features without entries get zeros. Either output may be undefined: not wanted.
 struct FeatureSumsArgs {
-  at::Tensor feature_offsets;  // [features+1] int64: feature f's entries are order[fo[f] … fo[f+1]−1]
-  at::Tensor order;            // [nnz] int64: entry ids sorted by (feature, row)
-  at::Tensor entry_rows;       // [nnz] int64: each entry's row
-  at::Tensor values;           // [nnz] compute dtype
-  at::Tensor rows;             // [rows, d] contiguous, values' dtype; needed for `out`
-  at::Tensor out;              // [features, d] contiguous, values' dtype, or undefined
-  at::Tensor sums;             // [features], values' dtype, or undefined
+  at::Tensor
+      feature_offsets;    // [features+1] int64: feature f's entries are order[fo[f] … fo[f+1]−1]
+  at::Tensor order;       // [nnz] int64: entry ids sorted by (feature, row)
+  at::Tensor entry_rows;  // [nnz] int64: each entry's row
+  at::Tensor values;      // [nnz] compute dtype
+  at::Tensor rows;        // [rows, d] contiguous, values' dtype; needed for `out`
+  at::Tensor out;         // [features, d] contiguous, values' dtype, or undefined
+  at::Tensor sums;        // [features], values' dtype, or undefined
 };
 
 Support select_support_cpu(const SelectArgs& args);

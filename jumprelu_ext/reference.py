@@ -32,13 +32,18 @@ def _bandwidth(x, bandwidth):
     return torch.full((), bandwidth, dtype=x.dtype, device=x.device)
 
 
+def window(pre, threshold, bandwidth):
+    """K((pre-θ)/ε) as a bool tensor: -1/2 < (pre-θ)/ε < 1/2, in the compute dtype."""
+    x, t = _upcast(pre, threshold)
+    u = (x - t) / _bandwidth(x, bandwidth)
+    return (u > -0.5) & (u < 0.5)
+
+
 def threshold_terms(pre, threshold, bandwidth, grad_acts=None, step=False, grad_l0=None):
     """Each element's K((pre-θ)/ε) · (c·grad_acts + grad_l0), c = θ (JumpReLU) or 1 (step), in the
     compute dtype. A missing gradient adds no term (so a non-finite θ meets no 0·θ)."""
     x, t = _upcast(pre, threshold)
-    eps = _bandwidth(x, bandwidth)
-    u = (x - t) / eps
-    in_window = ((u > -0.5) & (u < 0.5)).to(x.dtype)
+    in_window = window(pre, threshold, bandwidth).to(x.dtype)
     weight = torch.zeros_like(x)
     if grad_acts is not None:
         weight = weight + (1.0 if step else t) * grad_acts.to(x.dtype)

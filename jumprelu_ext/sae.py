@@ -8,6 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import jumprelu_l0
+from .reference import window
+from .sparse import SparseActs, sparse_decode, sparse_encode
+from .step_policy import StepPolicy
 
 SPARSITY_LOSSES = ("step", "tanh")
 
@@ -30,7 +33,7 @@ def initial_decoder_rows(seed: int, first: int, count: int, d_in: int) -> torch.
 
 class SAEOutput(NamedTuple):
     reconstruction: torch.Tensor
-    acts: torch.Tensor
+    acts: torch.Tensor | SparseActs  # dense [..., d_sae], or row-compressed from the sparse step
     l0: torch.Tensor
 
 
@@ -41,6 +44,8 @@ class SAELoss(NamedTuple):
     sparsity: torch.Tensor  # the penalty λ multiplies
     pre_act: torch.Tensor
     output: SAEOutput
+    step: str = "dense"  # which step computed it: "dense" or "sparse" (docs/ops.md#the-sparse-step)
+    support_density: float | None = None  # active-or-window fraction of [rows, d_sae], when measured
 
 
 def _check_positive_int(name, value):
@@ -65,6 +70,7 @@ class JumpReLUSAE(nn.Module):
     ``encoder_init_scale`` multiplies the initial encoder (W_enc = scale · W_decᵀ).
     ``apply_b_dec_to_input=True`` encodes x − b_dec instead of x (SAELens's option of that name;
     measured better, docs/method.md#ablations); export folds it into b_enc.
+    ``step``: "auto" (default), "sparse" or "dense", the step ``loss`` takes (docs/ops.md#the-sparse-step).
     """
 
     def __init__(
@@ -80,6 +86,7 @@ class JumpReLUSAE(nn.Module):
         ste_to_input=False,
         encoder_init_scale=1.0,
         apply_b_dec_to_input=False,
+        step="auto",
     ):
         super().__init__()
         _check_positive_int("d_in", d_in)
@@ -99,6 +106,7 @@ class JumpReLUSAE(nn.Module):
         if not isinstance(apply_b_dec_to_input, bool):
             raise ValueError(f"JumpReLUSAE: apply_b_dec_to_input must be a bool, got {apply_b_dec_to_input!r}")
         self.apply_b_dec_to_input = apply_b_dec_to_input
+        self.step_policy = StepPolicy(step)
         dtype = dtype if dtype is not None else torch.get_default_dtype()
 
         # Decoder rows are random unit vectors and the encoder starts as their transpose, times
@@ -167,6 +175,10 @@ class JumpReLUSAE(nn.Module):
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
         return F.linear(acts, self.W_dec.t(), self.b_dec)
 
+    def decode_sparse(self, acts: SparseActs) -> torch.Tensor:
+        """``decode`` of the sparse step's activations: [rows, d_in] from the support alone."""
+        return sparse_decode(acts, self.W_dec) + self.b_dec
+
     def forward(self, x: torch.Tensor, fire_counts: torch.Tensor | None = None) -> SAEOutput:
         acts, l0 = self.encode(x, fire_counts)
         return SAEOutput(self.decode(acts), acts, l0)
@@ -180,6 +192,7 @@ class JumpReLUSAE(nn.Module):
         pre_act_loss_coefficient: float = 0.0,
         num_rows: int | None = None,
         fire_counts: torch.Tensor | None = None,
+        step: str | None = None,
     ) -> "SAELoss":
         """total = mse + λ·sparsity (+ pre-act term); every term a mean over rows, reduced in fp32.
 
@@ -190,31 +203,72 @@ class JumpReLUSAE(nn.Module):
         threshold; it is only computed when its coefficient is non-zero. Means divide by
         ``num_rows`` (default: this batch's rows; data-parallel training passes the global count).
         ``fire_counts``: as in ``activate`` (the trainer passes its ``FiringTracker.counts``).
+        ``step``: "dense" or "sparse" for this call; None: the module's ``step`` policy decides
+        (the pre-activation loss needs every entry, so it is always dense).
         """
         if sparsity_loss not in SPARSITY_LOSSES:
             raise ValueError(f"JumpReLUSAE.loss: sparsity_loss must be one of {SPARSITY_LOSSES}, got {sparsity_loss!r}")
-        pre = self.pre_acts(x)
-        acts, l0 = self.activate(pre, fire_counts)
-        out = SAEOutput(self.decode(acts), acts, l0)
+        policy = self.step_policy if step is None else StepPolicy(step)
+        path = policy.choose(needs_every_entry=bool(pre_act_loss_coefficient))
         n = x.shape[:-1].numel() if num_rows is None else num_rows  # rows = every leading index
 
         def mean(per_row):
             return per_row.float().sum() / n
 
-        mse = mean((x.float() - out.reconstruction.float()).pow(2).sum(-1))
-        l0_mean = mean(l0)
         if sparsity_loss == "tanh" or pre_act_loss_coefficient:
             dec_norms = self.W_dec.float().norm(dim=1)
+        if path == "sparse":
+            out, density = self._sparse_forward(x, fire_counts)
+        else:
+            pre = self.pre_acts(x)
+            acts, l0 = self.activate(pre, fire_counts)
+            out = SAEOutput(self.decode(acts), acts, l0)
+            density = self._support_density(pre) if policy.wants_density(path) else None
+        policy.observe(path, density)
+
+        mse = mean((x.float() - out.reconstruction.float()).pow(2).sum(-1))
+        l0_mean = mean(out.l0)
         if sparsity_loss == "step":
             sparsity = l0_mean
+        elif path == "sparse":  # the same per-row sums over the support alone
+            acts = out.acts
+            tanh = torch.tanh(tanh_scale * acts.values.float().abs() * dec_norms[acts.indices])
+            sparsity = mean(self.sum_over_features(acts.row_sums(tanh).view(x.shape[:-1])))
         else:
-            sparsity = mean(self.sum_over_features(torch.tanh(tanh_scale * acts.float().abs() * dec_norms).sum(-1)))
+            sparsity = mean(self.sum_over_features(torch.tanh(tanh_scale * out.acts.float().abs() * dec_norms).sum(-1)))
         total = mse + l0_coefficient * sparsity
         pre_act = torch.zeros((), device=mse.device)
         if pre_act_loss_coefficient:
             pre_act = mean(self.sum_over_features((F.relu(self.threshold.detach() - pre.float()) * dec_norms).sum(-1)))
             total = total + pre_act_loss_coefficient * pre_act
-        return SAELoss(total, mse, l0_mean, sparsity, pre_act, out)
+        return SAELoss(total, mse, l0_mean, sparsity, pre_act, out, path, density)
+
+    def _sparse_forward(self, x: torch.Tensor, fire_counts) -> tuple[SAEOutput, float]:
+        """The sparse step's forward (docs/ops.md#the-sparse-step): the support of the activations
+        row-compressed, the reconstruction from it, and the support's density."""
+        if x.dim() < 1 or x.shape[-1] != self.d_in:
+            self.pre_acts(x)  # raises the dense path's error
+        rows = x.reshape(-1, self.d_in)
+        if self.apply_b_dec_to_input:
+            rows = rows - self.encoder_b_dec()
+        W_enc, b_enc = self.W_enc, self.b_enc
+        if torch.is_autocast_enabled(rows.device.type):  # as F.linear under autocast: its dtype
+            dtype = torch.get_autocast_dtype(rows.device.type)
+            rows, W_enc, b_enc = rows.to(dtype), W_enc.to(dtype), b_enc.to(dtype)
+        acts = sparse_encode(rows, W_enc, b_enc, self.threshold, self.bandwidth, self.ste_to_input, fire_counts)
+        # l0 before the reconstruction: a feature-sharded SAE sums both over ranks, in the dense
+        # step's order, so ranks on different steps still meet in the same collectives.
+        l0 = self.sum_over_features(acts.l0).view(x.shape[:-1])
+        reconstruction = self.decode_sparse(acts).view(*x.shape[:-1], self.d_in)
+        density = acts.indices.shape[0] / max(acts.rows * self.d_sae, 1)
+        return SAEOutput(reconstruction, acts, l0), density
+
+    @torch.no_grad()
+    def _support_density(self, pre: torch.Tensor) -> float:
+        """The active-or-window fraction of a dense step's pre (what the sparse step would keep)."""
+        threshold = self.threshold
+        in_support = (pre.float() > threshold) | window(pre, threshold, self.bandwidth)
+        return in_support.float().mean().item()
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self):

@@ -58,6 +58,7 @@ class ConfigError(UserError):
 CHOICES: dict[str, tuple[str, ...]] = {
     "lr_decay": DECAYS,  # the schedules lr_factor knows
     "threshold_param": ("log", "raw"),
+    "step": ("auto", "sparse", "dense"),  # jumprelu_ext.step_policy.STEPS
     "sparsity_loss": ("step", "tanh"),
     "dtype": ("float32", "bfloat16"),
     "recipe": ("default", "paper"),
@@ -255,6 +256,12 @@ class TrainConfig:
         "compute dtype; bfloat16 runs the SAE's forward and loss under torch.autocast on the training device, "
         "CPU or CUDA (weights, theta and the optimiser stay float32)",
     )
+    step: str = _f(
+        "auto",
+        "the training step: sparse (after the encoder's product, work follows the active and near-threshold "
+        "features, not d_sae), dense, or auto (sparse while the measured share of such entries is small; dense "
+        "for --pre-act-loss-coefficient, which needs every entry; docs/ops.md#the-sparse-step)",
+    )
     seed: int = _f(0, "random seed for initialisation, data order and the evaluation split")
     shard_features: bool = _f(
         False,
@@ -366,6 +373,11 @@ class TrainConfig:
             raise ConfigError(f"--l0-coefficient must be >= 0, got {self.l0_coefficient}")
         if not (math.isfinite(self.pre_act_loss_coefficient) and self.pre_act_loss_coefficient >= 0):
             raise ConfigError(f"--pre-act-loss-coefficient must be >= 0, got {self.pre_act_loss_coefficient}")
+        if self.step == "sparse" and self.pre_act_loss_coefficient:
+            raise ConfigError(
+                "--step sparse cannot compute the pre-activation loss (it needs every entry of [batch, d_sae]): "
+                "use --step auto or dense, or --pre-act-loss-coefficient 0"
+            )
         for name in ("bandwidth", "init_threshold", "tanh_scale", "encoder_init_scale", "raw_threshold_lr_scale"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):

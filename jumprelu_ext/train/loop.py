@@ -29,12 +29,12 @@ from .data.prepare import prepare_data
 from .errors import UserError
 from .interrupt import StopRequest
 from .member import Member, build_members, pack_states, unpack_states
-from .optimizer import clip_grad_norm_, keep_threshold_nonnegative
 from .outdir import output_folder
 from .report.metrics import evaluate
 from .report.plots import plot_curves, plot_density, plot_frontier
 from .report.run_log import check_logging_extras
 from .report.sweep import SUMMARY_NAME, sweep_summary, sweep_table
+from .step import StepResult, take_step
 
 DENSE_RATE = 0.1  # a feature firing on more than this fraction of tokens counts as dense
 
@@ -144,32 +144,7 @@ def train(cfg, layout, device) -> int:
         while step < cfg.steps and not stopping:
             x, rows = data.next_batch(layout)  # this rank's rows; `rows` counts the global batch
             for member in members:  # every SAE takes its step on the same batch
-                sae = member.sae
-                l0_coefficient = member.coefficient.at(step)
-                with autocast:
-                    loss = sae.loss(
-                        x,
-                        l0_coefficient,
-                        sparsity_loss=cfg.sparsity_loss,
-                        tanh_scale=cfg.tanh_scale,
-                        pre_act_loss_coefficient=cfg.pre_act_loss_coefficient,
-                        num_rows=rows,
-                        fire_counts=member.firing.counts,  # the forward kernel adds this batch's fires
-                    )
-                member.optimizer.zero_grad(set_to_none=True)
-                loss.total.backward()
-                distributed.all_reduce_gradients(sae.parameters(), layout)  # data parallel: the global gradient
-                sae.remove_parallel_decoder_grad()  # keep decoder rows on the unit sphere ...
-                grad_norm = clip_grad_norm_(sae, cfg.max_grad_norm, layout)
-                member.optimizer.step()
-                member.scheduler.step()
-                sae.normalize_decoder()  # ... and undo the step's drift off it
-                keep_threshold_nonnegative(sae)
-                if member.cfg.target_l0 is not None:
-                    member.coefficient.observe(distributed.global_mean(loss.l0, layout))
-                member.firing.add_tokens(x.shape[0])
-                # Kept for the log line without the activations, which a sweep would hold once per SAE.
-                member.last = (loss.total.detach(), loss.mse.detach(), loss.l0.detach(), l0_coefficient, grad_norm)
+                member.last = take_step(member, x, rows, step, autocast, layout)
             step += 1
             window_steps += 1
             bar.update(1)
@@ -179,7 +154,7 @@ def train(cfg, layout, device) -> int:
                 seconds = time.perf_counter() - window_start
                 logged = []
                 for member in members:
-                    window = LogWindow(step, x, rows, *member.last, window_steps / seconds)
+                    window = LogWindow(step, x, rows, member.last, window_steps / seconds)
                     logged.append(log_row(window, member, data, layout))
                     if member.run_log:
                         member.run_log.log(logged[-1])
@@ -281,11 +256,7 @@ class LogWindow:
     step: int
     x: torch.Tensor  # this rank's rows of the step's batch
     rows: int  # rows in the global batch
-    loss: torch.Tensor  # the SAE's loss terms on this rank's rows: total, MSE, L0
-    mse: torch.Tensor
-    l0: torch.Tensor
-    l0_coefficient: float
-    grad_norm: float  # global, before clipping
+    result: StepResult  # the SAE's last step on them
     steps_per_s: float  # over the window
 
 
@@ -294,7 +265,8 @@ def log_row(window: LogWindow, member: Member, data, layout) -> dict:
     """The logged metrics of the window's global batch (collectives: every rank calls this)."""
     x, rows = window.x.double(), window.rows
     dropped = torch.tensor([float(data.train.dropped_rows)], device=x.device, dtype=x.dtype)
-    terms = torch.stack([window.loss.double(), window.mse.double(), window.l0.double(), x.pow(2).sum()])
+    result = window.result
+    terms = torch.stack([result.loss.double(), result.mse.double(), result.l0.double(), x.pow(2).sum()])
     stats = torch.cat([terms, x.sum(0), dropped])
     if layout.data_parallel:  # each rank's loss terms are its share of the global means: sum them
         distributed.sum_(stats, layout)
@@ -312,9 +284,9 @@ def log_row(window: LogWindow, member: Member, data, layout) -> dict:
         "mse": mse,
         "l0": l0,
         "fvu": mse / variance if variance > 0 else float("nan"),
-        "l0_coefficient": window.l0_coefficient,
+        "l0_coefficient": result.l0_coefficient,
         "lr": member.scheduler.get_last_lr()[0],
-        "grad_norm": window.grad_norm,
+        "grad_norm": result.grad_norm,
         "threshold_mean": distributed.feature_mean(member.sae.threshold, layout),
         "dead_fraction": dead,
         "dense_fraction": dense,

@@ -18,6 +18,7 @@ from .optimizer import build_optimizer, follow_schedule
 from .report.metrics import FiringTracker
 from .report.run_log import RunLog
 from .sparsity import sparsity_coefficient
+from .step import StepResult
 
 # What a checkpoint holds for each SAE (the rest, the step, stream and RNG, is shared).
 STATE_KEYS = ("sae", "optimizer", "scheduler", "sparsity")
@@ -33,7 +34,7 @@ class Member:
     coefficient: Any  # λ: warmed up to a fixed value, or steered to --target-l0
     firing: FiringTracker  # features fired since the last log line
     run_log: RunLog | None = None
-    last: tuple = ()  # the last step's (loss total, mse, l0, λ, grad norm), for the log line
+    last: StepResult | None = None  # the last step's result, for the log line
 
     @property
     def out(self) -> Path:
@@ -85,6 +86,7 @@ def build_members(cfg, d_in: int, d_sae: int, layout, device, data_mean: torch.T
             ste_to_input=member_cfg.ste_to_input,
             encoder_init_scale=member_cfg.encoder_init_scale,
             apply_b_dec_to_input=member_cfg.apply_b_dec_to_input,
+            step=member_cfg.step,
         )
         if member_cfg.b_dec_init == "mean":
             with torch.no_grad():

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ..sae import JumpReLUSAE
+from ..sparse import sparse_decode
 from .distributed import Layout
 from .errors import UserError
 
@@ -54,6 +55,9 @@ class FeatureShardedSAE(JumpReLUSAE):
     def decode(self, acts):
         partial = torch.nn.functional.linear(acts, self.W_dec.t())
         return _SumOverRanks.apply(partial) + self.b_dec
+
+    def decode_sparse(self, acts):
+        return _SumOverRanks.apply(sparse_decode(acts, self.W_dec)) + self.b_dec
 
     def activate(self, pre, fire_counts=None):
         acts, l0 = super().activate(pre, fire_counts)  # fire counts: this rank's features
