@@ -45,3 +45,11 @@ def test_a_cpu_device_runs_the_work_as_it_is():
     )
     assert ahead.result()["end"] == 3
     assert run(lambda: 5, cuda_device=torch.device("cpu")) == 5
+
+
+def test_a_fill_smaller_than_a_batch_is_refused_in_one_place():
+    from jumprelu_ext.train.data.stream import check_buffer_tokens
+
+    check_buffer_tokens(64, 64)
+    with pytest.raises(ActivationError, match=r"^--buffer-tokens 32 is smaller than one batch \(--batch-size 64\)$"):
+        check_buffer_tokens(32, 64)

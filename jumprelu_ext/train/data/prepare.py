@@ -124,13 +124,10 @@ def _from_model(cfg, device, layout) -> TrainingData:
     from tqdm import tqdm
 
     from .harvest import HarvestError, load_model, window_spec
-    from .stream import StreamedBatches, heldout_windows
+    from .stream import StreamedBatches, check_buffer_tokens, heldout_windows
     from .text import iter_texts
 
-    if cfg.buffer_tokens < cfg.batch_size:
-        raise ActivationError(
-            f"--buffer-tokens {cfg.buffer_tokens} is smaller than one batch (--batch-size {cfg.batch_size})"
-        )
+    check_buffer_tokens(cfg.buffer_tokens, cfg.batch_size)  # before the text and the model are read
     next(iter_texts(cfg.dataset))  # a bad path or first record fails before the model loads
     from transformers.utils import logging as transformers_logging
 

@@ -47,13 +47,19 @@ from .harvest import TextPosition, TokenBatch, harvest, iter_windows, windows_to
 from .read_ahead import ReadAhead, run
 from .text import iter_texts
 
-__all__ = ["MAX_PIECES", "StreamedBatches", "heldout_windows"]
+__all__ = ["MAX_PIECES", "StreamedBatches", "check_buffer_tokens", "heldout_windows"]
 
 # A later pass reopens the text at each piece's start, and reaching document d of a file means
 # reading (not tokenising) the d documents before it: at most this many re-reads per pass.
 MAX_PIECES = 32
 _PASS_ORDER = 0x9A55  # tells the pass-order seeds apart from the fill-order seeds
 PRODUCER_THREAD = "jumprelu-ext-stream-producer"
+
+
+def check_buffer_tokens(buffer_tokens: int, batch_size: int) -> None:
+    """A fill must hold at least one batch."""
+    if buffer_tokens < batch_size:
+        raise ActivationError(f"--buffer-tokens {buffer_tokens} is smaller than one batch (--batch-size {batch_size})")
 
 
 def heldout_windows(loaded, dataset, spec, max_tokens, fraction: float, most: int, seed: int):
@@ -117,10 +123,7 @@ class StreamedBatches:
         prefetch: bool = True,
         total_rows: int | None = None,
     ):
-        if buffer_tokens < batch_size:
-            raise ActivationError(
-                f"--buffer-tokens {buffer_tokens} is smaller than one batch (--batch-size {batch_size})"
-            )
+        check_buffer_tokens(buffer_tokens, batch_size)
         self.loaded, self.dataset, self.spec = loaded, dataset, spec
         self.batch_size, self.buffer_tokens = int(batch_size), int(buffer_tokens)
         self.seed, self.device = int(seed), torch.device(device)
