@@ -1,11 +1,12 @@
-"""The background read-ahead both training-row sources use."""
+"""The background read-ahead both training-row sources use, and their common contract (BatchSource)."""
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
-from jumprelu_ext.train.data.activations import ActivationError
+from jumprelu_ext.train.data.activations import ActivationError, ShuffledBatches, TensorStore
 from jumprelu_ext.train.data.read_ahead import ReadAhead, run
 
 
@@ -47,9 +48,23 @@ def test_a_cpu_device_runs_the_work_as_it_is():
     assert run(lambda: 5, cuda_device=torch.device("cpu")) == 5
 
 
+def test_file_batches_describe_themselves_and_their_pass():
+    batches = ShuffledBatches(TensorStore(torch.ones(10, 3)), batch_size=4, indices=np.arange(7), read_ahead=False)
+    assert batches.rows_per_pass == 7
+    assert batches.describe() == "7 training rows"
+
+
 def test_a_fill_smaller_than_a_batch_is_refused_in_one_place():
     from jumprelu_ext.train.data.stream import check_buffer_tokens
 
     check_buffer_tokens(64, 64)
     with pytest.raises(ActivationError, match=r"^--buffer-tokens 32 is smaller than one batch \(--batch-size 64\)$"):
         check_buffer_tokens(32, 64)
+
+
+def test_a_stream_describes_itself_and_has_no_pass_length_before_a_pass_is_read():
+    from jumprelu_ext.train.data.stream import StreamedBatches
+
+    batches = StreamedBatches(None, "text.txt", None, batch_size=4, buffer_tokens=300)  # nothing read yet
+    assert batches.rows_per_pass is None
+    assert batches.describe() == "streamed in fills of 300 rows"

@@ -333,6 +333,14 @@ class ShuffledBatches:
         self.dropped_rows += x.shape[0] - kept
         return (x if kept == x.shape[0] else x[finite]).to(self.device)
 
+    @property
+    def rows_per_pass(self) -> int:
+        """Rows in one epoch."""
+        return int(self.indices.size)
+
+    def describe(self) -> str:
+        return f"{self.indices.size} training rows"
+
     def close(self) -> None:
         """Wait for a batch being read in the background and drop it."""
         if self._pending is not None:

@@ -1,7 +1,7 @@
 """Training activations streamed from a model over text, in bounded memory, exactly resumable.
 
-``StreamedBatches`` has the interface of ``ShuffledBatches`` (``next()``, ``state_dict`` /
-``load_state_dict``, ``batch_size``, ``dropped_rows``, ``device``), so the training loop does not
+``StreamedBatches`` is a ``BatchSource`` (``source.py``: ``next()``, ``state_dict`` /
+``load_state_dict``, ``rows_per_pass``, ...) like ``ShuffledBatches``, so the training loop does not
 know which one it reads. The text is read lazily and cut into windows (``harvest.iter_windows``);
 the held-out windows are set aside first (``heldout_windows``) and skipped in every pass. The
 rest is harvested, ``--harvest-batch-size`` windows per forward pass, into *fills* of at least
@@ -133,7 +133,7 @@ class StreamedBatches:
         self.harvest_batch_size = int(harvest_batch_size)
         self.log = log or (lambda message: None)
         self.dropped_rows = 0
-        self.rows_per_pass = None  # training rows in one pass, once a pass has been read
+        self.rows_per_pass: int | None = None  # training rows in one pass, once a pass has been read
         self.fill_index, self.position = 0, 0
         self._start = (0, 0, None)  # (pass, piece, TextPosition or None for the piece's start)
         self._first_pass_fills: list[TextPosition] = []  # where they start: the pieces of later passes
@@ -308,6 +308,9 @@ class StreamedBatches:
     def close(self) -> None:
         """Wait for a fill being harvested in the background (nothing else to release)."""
         self._join_producer()
+
+    def describe(self) -> str:
+        return f"streamed in fills of {self.buffer_tokens} rows"
 
     def scale_store(self) -> TensorStore:
         """The first fill's rows, for the input-scale estimate."""
