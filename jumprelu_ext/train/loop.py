@@ -89,7 +89,7 @@ def train(cfg, layout, device) -> int:
     d_sae = cfg.d_sae or data.d_in * cfg.expansion_factor
     ranks = f", {layout.world_size} ranks, {layout.description}" if layout.world_size > 1 else ""
     say(
-        f"training on {data.d_in}-dim activations ({data.describe_training_rows()}, "
+        f"training on {data.d_in}-dim activations ({data.train.describe()}, "
         f"{data.eval_indices.size} held out), input scale {data.input_scale:.4g}, d_sae {d_sae}{ranks}"
     )
 

@@ -11,7 +11,7 @@ the one scalar c with E‖c·x‖² = 1 that the recipe's ε and θ₀ are calib
 from __future__ import annotations
 
 import json
-import threading
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import UserError, first_line
+from .read_ahead import ReadAhead
 
 __all__ = [
     "ActivationError",
@@ -32,6 +33,7 @@ __all__ = [
 ]
 
 SUFFIXES = (".npy", ".safetensors")
+READ_AHEAD_THREAD = "jumprelu-ext-read-ahead"
 # safetensors spells dtypes its own way; map to numpy names so mixed-format folders compare.
 _ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 _NP_DTYPES = ("float16", "float32", "float64")
@@ -232,31 +234,9 @@ def split_holdout(store_or_num_rows, fraction: float, seed: int) -> tuple[np.nda
     return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
 
 
-class _ReadAhead:
-    """One batch's rows read on a background thread: ``result()`` waits for them and raises, on the
-    caller's thread, whatever the read raised (an ActivationError naming the shard)."""
-
-    def __init__(self, key: tuple[int, int], plan, read):
-        self.key, self.plan, self._box = key, plan, {}
-
-        def work():
-            try:
-                self._box["rows"] = read(plan[0])
-            except BaseException as e:  # handed to the caller's thread
-                self._box["error"] = e
-
-        # Not a daemon, like the stream's producer: an early exit waits for this one read.
-        self._thread = threading.Thread(target=work, name="jumprelu-ext-read-ahead")
-        self._thread.start()
-
-    def result(self) -> torch.Tensor:
-        self._thread.join()
-        if "error" in self._box:
-            raise self._box["error"]
-        return self._box["rows"]
-
-    def join(self) -> None:
-        self._thread.join()
+def _read_planned(read, rows: np.ndarray, epoch: int, position: int) -> tuple[torch.Tensor, int, int]:
+    """A planned batch read (on the read-ahead thread): its rows, the epoch and position after it."""
+    return read(rows), epoch, position
 
 
 class ShuffledBatches:
@@ -307,7 +287,7 @@ class ShuffledBatches:
         self.dropped_rows = 0
         self._perm_epoch = None  # epoch whose permutation is cached in self._perm
         self.read_ahead, self.total_rows = read_ahead, total_rows
-        self._pending: _ReadAhead | None = None
+        self._pending: ReadAhead | None = None  # the next batch's rows, read for its key (epoch, position)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._perm_epoch != epoch:
@@ -339,18 +319,27 @@ class ShuffledBatches:
         key, pending = (self.epoch, self.position), self._pending
         self._pending = None
         if pending is not None and pending.key == key:
-            (_, self.epoch, self.position), x = pending.plan, pending.result()
+            x, self.epoch, self.position = pending.result()
         else:
             rows, self.epoch, self.position = self._plan(*key)
             x = self.store.rows(rows)
         served = self.epoch * self.indices.size + self.position  # stream positions so far
         if self.read_ahead and (self.total_rows is None or served < self.total_rows):
             after = (self.epoch, self.position)
-            self._pending = _ReadAhead(after, self._plan(*after), self.store.rows)
+            plan = self._plan(*after)  # planned here: the plan caches a permutation
+            self._pending = ReadAhead(partial(_read_planned, self.store.rows, *plan), name=READ_AHEAD_THREAD, key=after)
         finite = torch.isfinite(x).all(dim=1)
         kept = int(finite.sum())
         self.dropped_rows += x.shape[0] - kept
         return (x if kept == x.shape[0] else x[finite]).to(self.device)
+
+    @property
+    def rows_per_pass(self) -> int:
+        """Rows in one epoch."""
+        return int(self.indices.size)
+
+    def describe(self) -> str:
+        return f"{self.indices.size} training rows"
 
     def close(self) -> None:
         """Wait for a batch being read in the background and drop it."""

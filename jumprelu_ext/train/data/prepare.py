@@ -20,11 +20,12 @@ from .activations import (
     sample_statistics,
     split_holdout,
 )
+from .source import BatchSource
 
 
 @dataclass
 class TrainingData:
-    train: Any  # ShuffledBatches or StreamedBatches: raw (unscaled) batches on the training device
+    train: BatchSource  # ShuffledBatches or StreamedBatches: raw (unscaled) batches on the training device
     eval_store: Any  # ActivationStore or TensorStore
     eval_indices: np.ndarray
     d_in: int
@@ -48,20 +49,9 @@ class TrainingData:
             if rows:
                 return x * self.input_scale, rows
             empty_rows += self.train.batch_size
-            epoch = self.epoch_rows()
+            epoch = self.train.rows_per_pass
             if epoch is not None and empty_rows >= 2 * epoch:  # two epochs' worth: no row is finite
                 raise ActivationError(f"{self.source}: no finite rows among the {epoch} rows to train on (all NaN/Inf)")
-
-    def epoch_rows(self) -> int | None:
-        """Rows in one pass over the training data (None for a stream not yet read to its end)."""
-        indices = getattr(self.train, "indices", None)
-        return indices.size if indices is not None else self.train.rows_per_pass
-
-    def describe_training_rows(self) -> str:
-        """For the start-up line: how many rows there are to train on."""
-        if hasattr(self.train, "indices"):
-            return f"{self.train.indices.size} training rows"
-        return f"streamed in fills of {self.train.buffer_tokens} rows"
 
     def eval_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """Held-out rows, scaled by the input scale, non-finite rows left out."""
@@ -124,13 +114,10 @@ def _from_model(cfg, device, layout) -> TrainingData:
     from tqdm import tqdm
 
     from .harvest import HarvestError, load_model, window_spec
-    from .stream import StreamedBatches, heldout_windows
+    from .stream import StreamedBatches, check_buffer_tokens, heldout_windows
     from .text import iter_texts
 
-    if cfg.buffer_tokens < cfg.batch_size:
-        raise ActivationError(
-            f"--buffer-tokens {cfg.buffer_tokens} is smaller than one batch (--batch-size {cfg.batch_size})"
-        )
+    check_buffer_tokens(cfg.buffer_tokens, cfg.batch_size)  # before the text and the model are read
     next(iter_texts(cfg.dataset))  # a bad path or first record fails before the model loads
     from transformers.utils import logging as transformers_logging
 

@@ -1,7 +1,7 @@
 """Training activations streamed from a model over text, in bounded memory, exactly resumable.
 
-``StreamedBatches`` has the interface of ``ShuffledBatches`` (``next()``, ``state_dict`` /
-``load_state_dict``, ``batch_size``, ``dropped_rows``, ``device``), so the training loop does not
+``StreamedBatches`` is a ``BatchSource`` (``source.py``: ``next()``, ``state_dict`` /
+``load_state_dict``, ``rows_per_pass``, ...) like ``ShuffledBatches``, so the training loop does not
 know which one it reads. The text is read lazily and cut into windows (``harvest.iter_windows``);
 the held-out windows are set aside first (``heldout_windows``) and skipped in every pass. The
 rest is harvested, ``--harvest-batch-size`` windows per forward pass, into *fills* of at least
@@ -34,9 +34,8 @@ its share of every global batch.
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from itertools import islice
 
 import numpy as np
@@ -45,14 +44,22 @@ import torch
 from ..distributed import all_gather_rows
 from .activations import ActivationError, TensorStore, split_holdout
 from .harvest import TextPosition, TokenBatch, harvest, iter_windows, windows_to_batch
+from .read_ahead import ReadAhead, run
 from .text import iter_texts
 
-__all__ = ["MAX_PIECES", "StreamedBatches", "heldout_windows"]
+__all__ = ["MAX_PIECES", "StreamedBatches", "check_buffer_tokens", "heldout_windows"]
 
 # A later pass reopens the text at each piece's start, and reaching document d of a file means
 # reading (not tokenising) the d documents before it: at most this many re-reads per pass.
 MAX_PIECES = 32
 _PASS_ORDER = 0x9A55  # tells the pass-order seeds apart from the fill-order seeds
+PRODUCER_THREAD = "jumprelu-ext-stream-producer"
+
+
+def check_buffer_tokens(buffer_tokens: int, batch_size: int) -> None:
+    """A fill must hold at least one batch."""
+    if buffer_tokens < batch_size:
+        raise ActivationError(f"--buffer-tokens {buffer_tokens} is smaller than one batch (--batch-size {batch_size})")
 
 
 def heldout_windows(loaded, dataset, spec, max_tokens, fraction: float, most: int, seed: int):
@@ -116,10 +123,7 @@ class StreamedBatches:
         prefetch: bool = True,
         total_rows: int | None = None,
     ):
-        if buffer_tokens < batch_size:
-            raise ActivationError(
-                f"--buffer-tokens {buffer_tokens} is smaller than one batch (--batch-size {batch_size})"
-            )
+        check_buffer_tokens(buffer_tokens, batch_size)
         self.loaded, self.dataset, self.spec = loaded, dataset, spec
         self.batch_size, self.buffer_tokens = int(batch_size), int(buffer_tokens)
         self.seed, self.device = int(seed), torch.device(device)
@@ -129,7 +133,7 @@ class StreamedBatches:
         self.harvest_batch_size = int(harvest_batch_size)
         self.log = log or (lambda message: None)
         self.dropped_rows = 0
-        self.rows_per_pass = None  # training rows in one pass, once a pass has been read
+        self.rows_per_pass: int | None = None  # training rows in one pass, once a pass has been read
         self.fill_index, self.position = 0, 0
         self._start = (0, 0, None)  # (pass, piece, TextPosition or None for the piece's start)
         self._first_pass_fills: list[TextPosition] = []  # where they start: the pieces of later passes
@@ -141,7 +145,7 @@ class StreamedBatches:
         # The next fill is harvested on a producer thread while this one is served, unless the
         # run needs no more rows than this one has (total_rows: steps x batch size).
         self.prefetch, self.total_rows = prefetch, total_rows
-        self._producer = None  # (start, thread, result box)
+        self._producer: ReadAhead | None = None  # the next fill's _produce, keyed by where it starts
         self.batches = 0  # global batches served since the start of the run
         self._served = 0  # stream positions served (rows, before the non-finite ones are dropped)
 
@@ -224,32 +228,22 @@ class StreamedBatches:
 
     def _produce(self, start) -> dict:
         """Read and harvest (this rank's share of) the fill at ``start``: the part of making a fill
-        that may run on the producer thread (no collectives, no shared state but the text reader)."""
+        that may run on the producer thread (no collectives, no shared state but the text reader).
+        On CUDA it runs on a stream of its own (``read_ahead``): the model's forward overlaps the
+        SAE's step."""
         if self._is_pass_start(start) and self._pass_rows is not None:
             return {"start": start, "end": (start[0] + 1, 0, None), "whole": True, "rows": self._pass_rows}
         windows, start, end, whole = self._read(start)
         tokens = windows_to_batch(windows, self.spec)
-        event = None
-        if self.device.type == "cuda":  # its own stream: the model's forward overlaps the SAE's step
-            stream = torch.cuda.Stream(self.device)
-            with torch.cuda.stream(stream):
-                rows = self._harvest_share(tokens)
-                event = torch.cuda.Event()
-                event.record(stream)
-        else:
-            rows = self._harvest_share(tokens)
-        return {"start": start, "end": end, "whole": whole, "local": rows, "event": event}
+        return {"start": start, "end": end, "whole": whole, "local": self._harvest_share(tokens)}
 
     def _finish(self, part: dict) -> _Fill:
-        """The main thread's part: wait for the harvest, gather the ranks' shares, bookkeeping."""
+        """The main thread's part, after the harvest: gather the ranks' shares, bookkeeping."""
         start, end, whole = part["start"], part["end"], part["whole"]
         if "rows" in part:
             rows = part["rows"]
         else:
             rows = part["local"]
-            if part["event"] is not None:
-                torch.cuda.current_stream(self.device).wait_event(part["event"])
-                rows.record_stream(torch.cuda.current_stream(self.device))
             if self.layout is not None:
                 rows = all_gather_rows(rows, self.layout)
             if whole:
@@ -285,7 +279,9 @@ class StreamedBatches:
     def current_fill(self) -> _Fill:
         if self._fill is None:
             part = self._join_producer(self._start)
-            self._fill = self._finish(part if part is not None else self._produce(self._start))
+            if part is None:  # nothing made ahead for it: made here, the same way
+                part = run(partial(self._produce, self._start), cuda_device=self.device)
+            self._fill = self._finish(part)
             offset = self._served - self.position  # stream position of the fill's first row
             needed = self.total_rows is None or offset + self._fill.rows.shape[0] < self.total_rows
             if self.prefetch and needed:
@@ -293,36 +289,28 @@ class StreamedBatches:
         return self._fill
 
     def _start_producer(self, start) -> None:
-        box: dict = {}
-
-        def work():
-            try:
-                box["part"] = self._produce(start)
-            except BaseException as e:  # handed to the main thread, raised there
-                box["error"] = e
-
-        # Not a daemon: a run that stops early (SIGTERM, an error) exits after the fill in progress
-        # instead of finalising the interpreter under a forward pass, which can abort the process.
-        thread = threading.Thread(target=work, name="jumprelu-ext-stream-producer")
-        self._producer = (start, thread, box)
-        thread.start()
+        self._producer = ReadAhead(
+            partial(self._produce, start), name=PRODUCER_THREAD, key=start, cuda_device=self.device
+        )
 
     def _join_producer(self, start=None):
-        """Wait for the producer; its fill if it was making the one at ``start``."""
+        """Wait for the producer; its fill if it was making the one at ``start`` (raising what making
+        it raised), else None (dropping it)."""
         if self._producer is None:
             return None
-        made_for, thread, box = self._producer
-        thread.join()
+        producer = self._producer
+        producer.join()
         self._producer = None
-        if made_for != start:
+        if producer.key != start:
             return None
-        if "error" in box:
-            raise box["error"]
-        return box["part"]
+        return producer.result()
 
     def close(self) -> None:
         """Wait for a fill being harvested in the background (nothing else to release)."""
         self._join_producer()
+
+    def describe(self) -> str:
+        return f"streamed in fills of {self.buffer_tokens} rows"
 
     def scale_store(self) -> TensorStore:
         """The first fill's rows, for the input-scale estimate."""
