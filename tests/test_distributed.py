@@ -119,6 +119,18 @@ def test_two_ranks_equal_one_process(activations, single, tmp_path, layout):
 
 
 @pytest.mark.parametrize("layout", ["data-parallel", "sharded"])
+def test_two_ranks_take_the_sparse_step_as_one_process(activations, tmp_path, layout):
+    """--step sparse (tanh penalty, no pre-activation loss) under both layouts equals one process."""
+    sparse = ["--pre-act-loss-coefficient", "0", "--step", "sparse"]
+    single = tmp_path / "single"
+    assert train.main(flags(activations, single, *sparse)) == 0
+    out = tmp_path / layout
+    torchrun(2, flags(activations, out, *sparse, *(["--shard-features"] if layout == "sharded" else [])))
+    assert_same_sae(out, single)
+    assert {r["step_kind"] for r in metrics(out)} == {"sparse"}
+
+
+@pytest.mark.parametrize("layout", ["data-parallel", "sharded"])
 def test_checkpoints_move_between_world_sizes(activations, single, tmp_path, layout):
     extra = ["--shard-features"] if layout == "sharded" else []
     two_then_one, one_then_two = tmp_path / "two_then_one", tmp_path / "one_then_two"

@@ -287,6 +287,7 @@ def log_row(window: LogWindow, member: Member, data, layout) -> dict:
         "l0_coefficient": result.l0_coefficient,
         "lr": member.scheduler.get_last_lr()[0],
         "grad_norm": result.grad_norm,
+        "step_kind": result.path,  # the last step's: dense or sparse (--step)
         "threshold_mean": distributed.feature_mean(member.sae.threshold, layout),
         "dead_fraction": dead,
         "dense_fraction": dense,

@@ -1,0 +1,48 @@
+"""The trainer's --step: the sparse and the dense step train the same SAE (to float tolerance),
+the log says which ran, and the pre-activation loss is refused with --step sparse."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jumprelu_ext.train import loop as train
+from jumprelu_ext.train.config import ConfigError
+
+D_IN = 16
+RUN = (
+    "--d-sae 256 --batch-size 128 --steps 40 --lr 1e-3 --lr-warmup-steps 2 --sparsity-warmup-steps 10 "
+    "--threshold-lr 1e-2 --init-threshold 0.3 --bandwidth 0.05 --log-every 10 --device cpu"
+).split()
+
+
+@pytest.fixture(scope="module")
+def activations(tmp_path_factory):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3000, D_IN)).astype(np.float32) * 2.0 + 0.5
+    path = tmp_path_factory.mktemp("data") / "acts.npy"
+    np.save(path, x)
+    return path
+
+
+def run(activations, out, *extra):
+    assert train.main(["--activations", str(activations), "--out", str(out), *RUN, *extra]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((out / "eval.json").read_text()), rows
+
+
+@pytest.mark.parametrize("extra", [[], ["--sparsity-loss", "tanh", "--ste-to-input"]], ids=["step", "tanh-ste"])
+def test_sparse_and_dense_steps_train_the_same_sae(activations, tmp_path, extra):
+    dense, dense_rows = run(activations, tmp_path / "dense", "--step", "dense", *extra)
+    sparse, sparse_rows = run(activations, tmp_path / "sparse", "--step", "sparse", *extra)
+    assert {r["step_kind"] for r in dense_rows} == {"dense"} and {r["step_kind"] for r in sparse_rows} == {"sparse"}
+    for key in ("l0", "fvu", "dead_fraction"):
+        np.testing.assert_allclose(sparse[key], dense[key], rtol=2e-3, atol=1e-4, err_msg=key)
+    for key in ("loss", "l0", "fvu"):
+        np.testing.assert_allclose([r[key] for r in sparse_rows], [r[key] for r in dense_rows], rtol=2e-3, err_msg=key)
+
+
+def test_sparse_step_refuses_the_pre_activation_loss(activations, tmp_path):
+    flags = ["--activations", str(activations), "--out", str(tmp_path / "r"), *RUN, "--step", "sparse"]
+    with pytest.raises(ConfigError, match="--step sparse cannot compute the pre-activation loss"):
+        train.main([*flags, "--pre-act-loss-coefficient", "0.1"])
