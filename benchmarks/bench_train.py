@@ -6,8 +6,8 @@ A step is forward, loss (MSE + λ·L0), backward, projecting the decoder gradien
 jumprelu_l0 op); `eager` is the same module with SAELens-style activation: the JumpReLU and Step
 autograd Functions of benchmarks/baselines.py (two passes each way, [batch, F] masks saved for
 backward). `sparse` is JumpReLUSAE's sparse step (docs/ops.md#the-sparse-step), `dense` its dense
-one, on the same SAE: θ is set per feature to a quantile of its pre-activations on a calibration
-batch (not the timed one) so that the timed batch's L0 is about --l0; the L0 and the share of
+one, on the same SAE: θ is set per feature from its pre-activations' mean and spread on a
+calibration batch (not the timed one) so that the timed batch's L0 is about --l0; the L0 and the share of
 [batch, F] entries in θ's window that result are reported. Same shapes, same data, same run;
 inputs already on the device. Reports ms per step, tokens/s, the speed-up and peak memory (CUDA:
 allocated above what is live before the step; CPU: each measurement runs in a process of its own
@@ -95,16 +95,25 @@ def record(impl, d_in, d_sae, x, precision, ms, peak, reps, **extra) -> dict[str
 
 
 def realistic_sae(d_in: int, d_sae: int, x: torch.Tensor, l0: float, bandwidth: float, path: str) -> JumpReLUSAE:
-    """An SAE whose θ_i is the (1 − l0/d_sae) quantile of feature i's pre-activations on a
-    calibration batch drawn apart from ``x``: a trained SAE's L0 on fresh data."""
+    """An SAE whose θ_i sits z standard deviations above the mean of feature i's pre-activations
+    on a calibration batch drawn apart from ``x``, with P(N(0, 1) > z) = l0 / d_sae: each feature
+    fires on about that share of fresh rows (the pre-activations of random inputs are close to
+    normal), so the timed batch's L0 is about ``l0``, as a trained SAE's is on new data."""
     torch.manual_seed(0)
     sae = JumpReLUSAE(d_in, d_sae, bandwidth=bandwidth, threshold_param="raw", device=x.device, step=path)
     calibration = torch.randn(4096, d_in, generator=torch.Generator().manual_seed(1)).to(x.device)
     calibration = calibration / calibration.pow(2).sum(-1).mean().sqrt()
+    z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - l0 / d_sae)).item()
     with torch.no_grad():
-        pre = torch.cat([sae.pre_acts(chunk) for chunk in calibration.split(512)])
-        theta = torch.quantile(pre.T.cpu().float(), 1 - l0 / d_sae, dim=1).clamp_min(1e-4)
-        sae.get_parameter("threshold").copy_(theta.to(x.device))
+        total = torch.zeros(d_sae, dtype=torch.float64, device=x.device)
+        squares = torch.zeros_like(total)
+        for chunk in calibration.split(256):
+            pre = sae.pre_acts(chunk).double()
+            total += pre.sum(0)
+            squares += pre.pow(2).sum(0)
+        mean = total / calibration.shape[0]
+        std = (squares / calibration.shape[0] - mean.pow(2)).clamp_min(0).sqrt()
+        sae.get_parameter("threshold").copy_((mean + z * std).clamp_min(1e-4).float())
     return sae
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine has to prove, in one run of at most 8 minutes: build for the GPU's own
 # architecture, the whole test suite with the CUDA tests enabled, compute-sanitizer on the op
-# tests, the op / training-step / firing benchmarks, an ncu profile of the kernels, the trainer
+# tests, the op / training-step / sparse-vs-dense step / firing benchmarks, an ncu profile of the kernels, the trainer
 # end to end on the GPU (bf16, a checkpoint and a --resume), the single-GPU scale-out baseline and
 # streaming from a model (harvest, SAE steps and the two overlapped). Every step runs even when one
 # fails; the exit status says whether all passed.
@@ -60,6 +60,7 @@ if ((dry)); then
   firing_args=(--quick)
   ops_args=(--device cpu --quick --no-compile)
   train_args=(--d-sae 256 --precisions fp32)
+  sparse_args=(--d-sae 1024 --precisions fp32 --l0 8)
   dist_args=(--d-in 32 --d-sae 256 --batch 64 --steps 3 --warmup-steps 1)
   e2e_rows=2000
   e2e_flags=(--device cpu --d-sae 64 --batch-size 128)
@@ -76,6 +77,7 @@ else
   firing_args=()
   ops_args=(--device cuda)
   train_args=(--d-sae 16384,65536)
+  sparse_args=(--d-in 2304 --batch 4096 --d-sae 16384,65536,131072 --precisions fp32-tf32,bf16-autocast)
   dist_args=(--world-sizes 1)
   e2e_rows=200000
   e2e_flags=(--device cuda --dtype bfloat16 --d-sae 16384 --batch-size 4096)
@@ -105,17 +107,22 @@ step tests 150 env JUMPRELU_EXT_EXPECT_CUDA_BUILD=$((1 - dry)) "$python" -m pyte
 # path, l0, step, ste_to_input, empty and NaN inputs); transposed/sliced layouts only add a copy
 # before the same kernels, so they are left out to keep the time down.
 cuda_op_tests=(tests/test_values.py tests/test_gradients.py tests/test_special_inputs.py
-  tests/test_boundaries.py tests/test_determinism.py tests/test_op_fire_counts.py)
+  tests/test_boundaries.py tests/test_determinism.py tests/test_op_fire_counts.py
+  tests/test_sparse_kernels.py tests/test_sparse_step.py)
 if ((!dry)); then
   step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 97 \
     "$python" -m pytest "${cuda_op_tests[@]}" -q -x -k "cuda and not sliced and not transposed"
   step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 97 \
-    "$python" -m pytest tests/test_boundaries.py tests/test_determinism.py tests/test_op_fire_counts.py -q -x -k cuda
+    "$python" -m pytest tests/test_boundaries.py tests/test_determinism.py tests/test_op_fire_counts.py \
+    tests/test_sparse_kernels.py -q -x -k cuda
 fi
 
 step bench_ops 150 "$python" benchmarks/bench_ops.py "${ops_args[@]}" --out "$out/results" --markdown "$markdown"
 step bench_train 90 "$python" benchmarks/bench_train.py --device "$device" "${sizes[@]}" "${train_args[@]}" \
   --out "$out/results" --markdown "$markdown"
+# The sparse step against the dense one (docs/ops.md#the-sparse-step), each in a process of its own.
+step bench_sparse_step 150 "$python" benchmarks/bench_train.py --compare sparse --device "$device" "${sizes[@]}" \
+  "${sparse_args[@]}" --out "$out/results" --markdown "$markdown"
 step bench_firing 45 "$python" benchmarks/bench_firing.py --device "$device" --rounds 9 "${firing_args[@]}" \
   --out "$out/results" --markdown "$markdown"
 if ((!dry)); then
