@@ -51,3 +51,11 @@ class StepPolicy:
         self.dense_steps = self.dense_steps + 1 if path == "dense" else 0
         if density is not None:
             self.sparse = density < (DENSE_ABOVE if self.sparse else SPARSE_BELOW)
+
+    # Checkpointed with the SAE, so that a resumed run takes the same steps as an uninterrupted one.
+    def state_dict(self) -> dict:
+        return {"sparse": self.sparse, "dense_steps": self.dense_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.mode == "auto" and state:
+            self.sparse, self.dense_steps = state["sparse"], state["dense_steps"]

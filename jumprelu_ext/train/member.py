@@ -21,7 +21,7 @@ from .sparsity import sparsity_coefficient
 from .step import StepResult
 
 # What a checkpoint holds for each SAE (the rest, the step, stream and RNG, is shared).
-STATE_KEYS = ("sae", "optimizer", "scheduler", "sparsity")
+STATE_KEYS = ("sae", "optimizer", "scheduler", "sparsity", "step_policy")
 
 
 @dataclass
@@ -54,6 +54,7 @@ class Member:
             "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "sparsity": self.coefficient.state_dict(),
+            "step_policy": self.sae.step_policy.state_dict(),
         }
 
     def load_state_dict(self, state: dict, layout, d_sae: int) -> None:
@@ -65,6 +66,7 @@ class Member:
         self.scheduler.load_state_dict(state["scheduler"])
         follow_schedule(self.optimizer, self.scheduler)
         self.coefficient.load_state_dict(state.get("sparsity", {}))
+        self.sae.step_policy.load_state_dict(state.get("step_policy") or {})  # absent before --step
 
 
 def build_members(cfg, d_in: int, d_sae: int, layout, device, data_mean: torch.Tensor) -> list[Member]:
