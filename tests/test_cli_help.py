@@ -12,18 +12,9 @@ from jumprelu_ext.train.config import EMBEDDED_DEFAULT, TrainConfig, build_parse
 
 
 @pytest.fixture
-def entries(monkeypatch):
+def entries(help_entries):
     """{flag: its whole help entry on one line}."""
-    monkeypatch.setenv("COLUMNS", "1000")
-    out, current = {}, None
-    for line in build_parser().format_help().splitlines():
-        first = line.split()[0].rstrip(",") if line.strip() else ""
-        if first.startswith("--"):
-            current = first
-            out[current] = []
-        if current is not None:
-            out[current].append(line)
-    return {flag: " ".join(" ".join(lines).split()) for flag, lines in out.items()}
+    return help_entries(build_parser())
 
 
 def test_each_flag_the_bare_call_sets_shows_its_value(entries):

@@ -28,23 +28,8 @@ def _write(tmp_path, name, text):
 # ---------------------------------------------------------------------------- --help
 
 
-def _help_entries(help_text):
-    """{flag: its help entry}: an entry starts at a line whose first token is a flag and runs to
-    the next such line (argparse may put a long flag's help on the following line)."""
-    entries, current = {}, None
-    for line in help_text.splitlines():
-        first = line.split()[0].rstrip(",") if line.strip() else ""
-        if first.startswith("--"):
-            current = first
-            entries[current] = []
-        if current is not None:
-            entries[current].append(line)
-    return {flag: " ".join(" ".join(lines).split()) for flag, lines in entries.items()}
-
-
-def test_help_lists_every_field_with_its_help_and_default(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping, so each help string stays whole
-    entries = _help_entries(build_parser().format_help())
+def test_help_lists_every_field_with_its_help_and_default(help_entries):
+    entries = help_entries(build_parser())
     for f in FIELDS:
         flag = TrainConfig.flag(f.name)
         assert flag in entries, f"{flag} missing from --help"

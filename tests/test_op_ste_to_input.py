@@ -11,16 +11,12 @@ import inspect
 
 import pytest
 import torch
-from conftest import assert_exact, cpu, grads, make_inputs, rand_like_grad, requires_compiled
+from conftest import IMPLS, assert_exact, cpu, grads, make_inputs, rand_like_grad, requires_compiled
 
 import jumprelu_ext
 from jumprelu_ext import reference
 
 EPS = 0.1
-IMPLS = [
-    pytest.param(jumprelu_ext, id="public", marks=requires_compiled),
-    pytest.param(reference, id="reference"),
-]
 
 
 def _rectangle(u):

@@ -6,14 +6,12 @@ import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 pytest.importorskip("transformers")
 
-from _tiny_models import WORDS, save_tiny_gpt2
 from conftest import DEVICES
 
 from jumprelu_ext.train import loop as train
@@ -29,17 +27,6 @@ from jumprelu_ext.train.data.harvest import (
 )
 from jumprelu_ext.train.data.stream import StreamedBatches, heldout_windows
 from jumprelu_ext.train.data.text import iter_texts
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """The tiny GPT-2 and a text of 120 random documents (no two windows alike)."""
-    folder = tmp_path_factory.mktemp("stream")
-    rng = np.random.default_rng(0)
-    docs = [" ".join(rng.choice(WORDS, size=rng.integers(3, 30))) for _ in range(120)]
-    text = folder / "text.txt"
-    text.write_text("\n\n".join(docs))
-    return save_tiny_gpt2(folder / "gpt2"), text
 
 
 @pytest.fixture(scope="module")

@@ -196,18 +196,6 @@ def test_a_config_file_list_sweeps(activations, sweep, tmp_path):
     assert len(json.loads((tmp_path / "run" / "summary.json").read_text())) == len(LAMBDAS)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    pytest.importorskip("transformers")
-    from _tiny_models import WORDS, save_tiny_gpt2
-
-    folder = tmp_path_factory.mktemp("stream")
-    rng = np.random.default_rng(0)
-    text = folder / "text.txt"
-    text.write_text("\n\n".join(" ".join(rng.choice(WORDS, size=rng.integers(3, 30))) for _ in range(120)))
-    return save_tiny_gpt2(folder / "gpt2"), text
-
-
 def model_flags(tiny, out, *extra):
     from test_stream import model_flags as stream_flags
 

@@ -194,15 +194,13 @@ def test_help_lists_the_contract_flags():
 
 
 @pytest.fixture(scope="module")
-def tiny_gpt2_and_text(tmp_path_factory):
-    """A tiny GPT-2 folder (2 blocks, width 32) and a text file of its corpus."""
-    pytest.importorskip("transformers")
-    from _tiny_models import CORPUS, save_tiny_gpt2
+def tiny_gpt2_and_text(tiny_gpt2_folder, tmp_path_factory):
+    """The tiny GPT-2 folder (2 blocks, width 32) and a text file of its corpus."""
+    from _tiny_models import CORPUS
 
-    folder = tmp_path_factory.mktemp("gpt2")
-    text = folder / "text.txt"
+    text = tmp_path_factory.mktemp("text") / "text.txt"
     text.write_text("\n\n".join(CORPUS * 20))
-    return save_tiny_gpt2(folder / "model"), text
+    return tiny_gpt2_folder, text
 
 
 def test_trains_from_a_model_and_reports_the_downstream_cost(tmp_path, tiny_gpt2_and_text):
