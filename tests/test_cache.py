@@ -102,6 +102,7 @@ def test_cache_defaults_harvest_minilm_on_pydoc_topics(tmp_path):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "change, message",
     [

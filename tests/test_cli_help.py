@@ -39,6 +39,7 @@ def test_layer_model_dataset_and_dtype_say_what_they_do(entries):
     assert "--resume" in entries["--overwrite"]
 
 
+@pytest.mark.slow
 def test_bfloat16_autocast_runs_on_the_cpu_as_the_help_says(tmp_path):
     """--dtype bfloat16 on the CPU trains under autocast: a CPU run gives other weights than fp32."""
     path = tmp_path / "acts.npy"

@@ -168,6 +168,7 @@ def test_opcheck_with_flag(device, op):
             torch.library.opcheck(getattr(ops, f"{op}_backward").default, (g, p, t, EPS, *flags))
 
 
+@pytest.mark.slow
 @requires_compiled
 def test_compile_fullgraph_with_flag(device):
     pre, theta = make_inputs((16, 12), torch.float32, torch.float32, device, seed=740, bandwidth=EPS, window_frac=0.6)

@@ -15,6 +15,9 @@ from jumprelu_ext.export import load_sae
 from jumprelu_ext.train import loop as train
 from jumprelu_ext.train.data.activations import ShuffledBatches
 
+# Training runs, resumed runs and the CLI in subprocesses.
+pytestmark = pytest.mark.slow
+
 D_IN = 16
 
 
