@@ -261,12 +261,12 @@ def test_model_errors_are_one_line(tmp_path, tiny_gpt2_and_text):
     )
 
 
-def test_trains_on_shards_written_by_the_cache_cli(tmp_path, tiny_gpt2_and_text):
-    from jumprelu_ext import cache
+def test_trains_on_shards_written_by_python_m_jumprelu_ext_harvest(tmp_path, tiny_gpt2_and_text):
+    from jumprelu_ext import harvest
 
     model, text = tiny_gpt2_and_text
     shards = tmp_path / "shards"
-    cache.main(
+    harvest.main(
         [
             "--model",
             str(model),
