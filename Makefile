@@ -24,10 +24,16 @@ EXTENSION := jumprelu_ext/_C.abi3.so
 KERNEL_SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cuh csrc/cuda/*.cu csrc/cuda/*.cpp)
 CSRC := $(filter-out setup.py,$(KERNEL_SOURCES))
 
-.PHONY: test lint format train build bench bench-quality clean
+.PHONY: test test-fast lint format train build bench bench-quality clean
 
+# Everything (what CI runs).
 test: build
 	$(PYTHON) -m pytest -q
+
+# The edit loop: everything but the tests marked slow (training runs, torchrun, subprocesses,
+# estimator sampling, compile); under a minute on 2 cores. Not a substitute for `make test`.
+test-fast: build
+	$(PYTHON) -m pytest -q -m "not slow"
 
 # The formatters own the layout: ruff for Python, clang-format (.clang-format) for csrc/.
 lint: $(VENV)/.installed

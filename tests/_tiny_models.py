@@ -1,6 +1,6 @@
 """Tiny randomly initialised models with locally built tokenizers: no downloads, fast forwards.
 
-``save_tiny_gpt2`` / ``save_tiny_bert`` write a model folder that ``jumprelu_ext.harvest.load_model``
+``save_tiny_gpt2`` / ``save_tiny_bert`` write a model folder that ``jumprelu_ext.train.data.harvest.load_model``
 loads like any local checkpoint. Their vocabulary is the words of ``CORPUS``.
 """
 

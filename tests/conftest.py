@@ -6,7 +6,10 @@ Conventions used throughout:
   kernel is held to the same fp32 semantics as the CPU one;
 - random data comes from seeded ``torch.Generator``s on CPU and is then moved to the device;
 - tests that compare the compiled kernels with the reference are skipped when the package runs
-  on the reference fallback (comparing the reference with itself would be a tautology).
+  on the reference fallback (comparing the reference with itself would be a tautology);
+- tests that take seconds (training runs, torchrun, subprocesses, estimator sampling, compile)
+  are marked ``slow``: ``make test-fast`` (``pytest -m "not slow"``) leaves them out, ``make test``
+  runs everything.
 """
 
 import pytest
@@ -23,6 +26,13 @@ requires_compiled = pytest.mark.skipif(
 )
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=requires_cuda)]
+
+# The implementations an op test runs: the package (the compiled kernels; skipped on the reference
+# fallback, where it would be the reference again) and the pure-PyTorch reference.
+IMPLS = [
+    pytest.param(jumprelu_ext, id="public", marks=requires_compiled),
+    pytest.param(reference, id="reference"),
+]
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -176,3 +186,52 @@ def grads(outputs, inputs, grad_outputs):
     pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None]
     res = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
     return [torch.zeros_like(i) if r is None else r for r, i in zip(res, inputs)]
+
+
+# ---------------------------------------------------------------------------- command lines
+
+
+@pytest.fixture
+def help_entries(monkeypatch):
+    """A function: argparse parser -> {flag: its whole --help entry on one line}. An entry starts at
+    a line whose first token is a flag and runs to the next such line (argparse may put a long
+    flag's help on the following line); COLUMNS is wide, so no help string is wrapped."""
+    monkeypatch.setenv("COLUMNS", "1000")
+
+    def entries(parser) -> dict[str, str]:
+        out, current = {}, None
+        for line in parser.format_help().splitlines():
+            first = line.split()[0].rstrip(",") if line.strip() else ""
+            if first.startswith("--"):
+                current = first
+                out[current] = []
+            if current is not None:
+                out[current].append(line)
+        return {flag: " ".join(" ".join(lines).split()) for flag, lines in out.items()}
+
+    return entries
+
+
+# ---------------------------------------------------------------------------- tiny models
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_folder(tmp_path_factory):
+    """The tiny GPT-2 of ``_tiny_models.save_tiny_gpt2`` (2 blocks, width 32), built once; tests
+    only read it."""
+    pytest.importorskip("transformers")
+    from _tiny_models import save_tiny_gpt2
+
+    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_gpt2_folder, tmp_path_factory):
+    """(the tiny GPT-2's folder, a text of 120 random documents of its words: no two windows alike)."""
+    import numpy as np
+    from _tiny_models import WORDS
+
+    rng = np.random.default_rng(0)
+    text = tmp_path_factory.mktemp("stream") / "text.txt"
+    text.write_text("\n\n".join(" ".join(rng.choice(WORDS, size=rng.integers(3, 30))) for _ in range(120)))
+    return tiny_gpt2_folder, text

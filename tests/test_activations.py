@@ -333,7 +333,7 @@ def read_ahead_threads():
 
 @pytest.fixture
 def safetensors_folder(tmp_path):
-    """Two safetensors shards, 12 + 9 rows of width 3, what the cache writes."""
+    """Two safetensors shards, 12 + 9 rows of width 3, what python -m jumprelu_ext.harvest writes."""
     folder = tmp_path / "shards"
     folder.mkdir()
     save_file({"activations": distinct_rows(12, 3, 0)}, str(folder / "shard_00000.safetensors"))

@@ -8,15 +8,10 @@ every dtype (0.375, 0.5, 0.625 and 0.25 are short binary fractions).
 
 import pytest
 import torch
-from conftest import DTYPE_PAIRS, assert_exact, cpu, grads, requires_compiled
+from conftest import DTYPE_PAIRS, IMPLS, assert_exact, cpu, grads, requires_compiled
 
 import jumprelu_ext
 from jumprelu_ext import reference
-
-IMPLS = [
-    pytest.param(jumprelu_ext, id="public", marks=requires_compiled),
-    pytest.param(reference, id="reference"),
-]
 
 THETA, EPS = 0.5, 0.25
 

@@ -112,6 +112,7 @@ def _check_fallback_numbers(out):
     assert out["error"] == "jumprelu: threshold has 3 features but pre's last dimension is 4"
 
 
+@pytest.mark.slow
 def test_force_reference_fallback():
     out = _run_fallback({"JUMPRELU_EXT_FORCE_REFERENCE": "1"})
     assert out["compiled"] is False
@@ -121,6 +122,7 @@ def test_force_reference_fallback():
     _check_fallback_numbers(out)
 
 
+@pytest.mark.slow
 def test_force_reference_zero_means_compiled():
     """JUMPRELU_EXT_FORCE_REFERENCE=0 does not force the fallback."""
     if FORCE_REFERENCE or not jumprelu_ext.COMPILED:
@@ -130,6 +132,7 @@ def test_force_reference_zero_means_compiled():
     _check_fallback_numbers(out)  # the same numbers from the compiled kernels
 
 
+@pytest.mark.slow
 def test_fallback_when_extension_cannot_be_imported():
     out = _run_fallback({}, "--break-import")
     assert out["compiled"] is False

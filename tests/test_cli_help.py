@@ -12,18 +12,9 @@ from jumprelu_ext.train.config import EMBEDDED_DEFAULT, TrainConfig, build_parse
 
 
 @pytest.fixture
-def entries(monkeypatch):
+def entries(help_entries):
     """{flag: its whole help entry on one line}."""
-    monkeypatch.setenv("COLUMNS", "1000")
-    out, current = {}, None
-    for line in build_parser().format_help().splitlines():
-        first = line.split()[0].rstrip(",") if line.strip() else ""
-        if first.startswith("--"):
-            current = first
-            out[current] = []
-        if current is not None:
-            out[current].append(line)
-    return {flag: " ".join(" ".join(lines).split()) for flag, lines in out.items()}
+    return help_entries(build_parser())
 
 
 def test_each_flag_the_bare_call_sets_shows_its_value(entries):
@@ -48,6 +39,7 @@ def test_layer_model_dataset_and_dtype_say_what_they_do(entries):
     assert "--resume" in entries["--overwrite"]
 
 
+@pytest.mark.slow
 def test_bfloat16_autocast_runs_on_the_cpu_as_the_help_says(tmp_path):
     """--dtype bfloat16 on the CPU trains under autocast: a CPU run gives other weights than fp32."""
     path = tmp_path / "acts.npy"

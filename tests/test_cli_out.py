@@ -94,6 +94,7 @@ def cli_with(main, capsys):
     return status, [line for line in err.splitlines() if line.startswith("error:")], err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "zero-bytes", "garbage", "not-a-checkpoint"])
 def test_a_damaged_checkpoint_is_named_with_what_to_do(activations, tmp_path, capsys, damage):
     out = tmp_path / "run"
@@ -115,6 +116,7 @@ def test_a_damaged_checkpoint_is_named_with_what_to_do(activations, tmp_path, ca
 # ------------------------------------------------------------------ item 2: a run in --out is not replaced
 
 
+@pytest.mark.slow
 def test_a_run_in_out_is_refused_unless_resume_or_overwrite(activations, tmp_path, capsys):
     out = tmp_path / "run"
     assert loop.main(flags(activations, out)) == 0
@@ -143,6 +145,7 @@ def test_a_run_in_out_is_refused_unless_resume_or_overwrite(activations, tmp_pat
 # ------------------------------------------------------------------ item 3: file modes, stale temp files
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_outputs_honour_the_umask(activations, tmp_path, umask):
     out = tmp_path / "run"
@@ -157,6 +160,7 @@ def test_outputs_honour_the_umask(activations, tmp_path, umask):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, name
 
 
+@pytest.mark.slow
 def test_stale_temp_files_from_a_killed_write_are_removed_at_start(activations, tmp_path):
     out = tmp_path / "run"
     assert loop.main(flags(activations, out, "--steps", "2")) == 0

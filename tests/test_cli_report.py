@@ -41,6 +41,7 @@ def one_error_line(err):
 # ------------------------------------------------------------------ item 6: data problems stated
 
 
+@pytest.mark.slow
 def test_dropped_rows_are_in_the_summary_and_eval_json(tmp_path, capsys):
     x = rows()
     bad = np.arange(0, 1000, 10)  # 100 rows: NaN in some, Inf in others
@@ -64,6 +65,7 @@ def test_dropped_rows_are_in_the_summary_and_eval_json(tmp_path, capsys):
     assert summary["held_out_dropped_rows"] == str(expected_held_out)
 
 
+@pytest.mark.slow
 def test_clean_data_reports_zero_dropped_rows(tmp_path, capsys):
     path = tmp_path / "acts.npy"
     np.save(path, rows())
@@ -218,6 +220,7 @@ def test_density_names_the_set_and_marks_the_dense_cutoff(tmp_path, monkeypatch)
     assert -1.0 in vertical_at  # log10(0.1): the dense cut-off
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["curves.png", "density.png"])
 def test_a_real_run_writes_both_plots(tmp_path, capsys, name):
     path = tmp_path / "acts.npy"

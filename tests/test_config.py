@@ -28,23 +28,8 @@ def _write(tmp_path, name, text):
 # ---------------------------------------------------------------------------- --help
 
 
-def _help_entries(help_text):
-    """{flag: its help entry}: an entry starts at a line whose first token is a flag and runs to
-    the next such line (argparse may put a long flag's help on the following line)."""
-    entries, current = {}, None
-    for line in help_text.splitlines():
-        first = line.split()[0].rstrip(",") if line.strip() else ""
-        if first.startswith("--"):
-            current = first
-            entries[current] = []
-        if current is not None:
-            entries[current].append(line)
-    return {flag: " ".join(" ".join(lines).split()) for flag, lines in entries.items()}
-
-
-def test_help_lists_every_field_with_its_help_and_default(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping, so each help string stays whole
-    entries = _help_entries(build_parser().format_help())
+def test_help_lists_every_field_with_its_help_and_default(help_entries):
+    entries = help_entries(build_parser())
     for f in FIELDS:
         flag = TrainConfig.flag(f.name)
         assert flag in entries, f"{flag} missing from --help"
@@ -341,3 +326,61 @@ def test_no_data_source_selects_the_embedded_default_and_help_shows_the_recipe(c
         parse_args(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert f"(default: {TrainConfig().steps})" in help_text and "embedded default" in help_text
+
+
+# ---------------------------------------------------------------------------- where defaults come from
+
+
+def test_defaults_for_layers_the_recipe_the_preset_and_the_paper():
+    from jumprelu_ext.train.config import EMBEDDED_DEFAULT, PAPER_RECIPE, defaults_for
+
+    recipe = {f.name: f.default for f in FIELDS}
+    assert defaults_for(data_source=True) == recipe
+    assert defaults_for(data_source=False) == recipe | EMBEDDED_DEFAULT
+    assert defaults_for(data_source=False, for_help=True) == recipe  # --help shows the recipe
+    assert defaults_for(data_source=True, recipe="paper") == recipe | PAPER_RECIPE
+    assert defaults_for(data_source=False, recipe="paper") == recipe | EMBEDDED_DEFAULT | PAPER_RECIPE
+    assert defaults_for(data_source=True, recipe="default") == recipe
+    # The example of the docstring: one flag, three defaults.
+    assert defaults_for(data_source=False)["bandwidth"] == 0.01
+    assert defaults_for(data_source=True)["bandwidth"] == 1e-3
+    assert defaults_for(data_source=False, recipe="paper")["bandwidth"] == 1e-3
+
+
+@pytest.mark.parametrize(
+    "argv, chosen",
+    [
+        ([], {"data_source": False, "recipe": None, "for_help": False}),
+        (["--activations", "a.npy"], {"data_source": True, "recipe": None, "for_help": False}),
+        (["--model=gpt2", "--recipe", "paper"], {"data_source": True, "recipe": "paper", "for_help": False}),
+        (["--recipe", "paper", "-h"], {"data_source": False, "recipe": "paper", "for_help": True}),
+        (["--eval-activations", "e.npy"], {"data_source": False, "recipe": None, "for_help": False}),
+    ],
+)
+def test_parse_args_takes_its_defaults_from_defaults_for(argv, chosen, monkeypatch):
+    from jumprelu_ext.train import config
+
+    seen = []
+    real = config.defaults_for
+    monkeypatch.setattr(config, "defaults_for", lambda **kw: seen.append(kw) or real(**kw))
+    try:
+        config.parse_args(argv, validate=False)
+    except SystemExit:  # --help
+        pass
+    assert seen == [chosen]
+
+
+def test_the_config_file_counts_as_a_data_source_and_a_recipe(tmp_path):
+    path = _write(tmp_path, "c.json", '{"model": "gpt2", "dataset": "t.txt", "layer": 1, "recipe": "paper"}')
+    cfg = parse_args(["--config", str(path)])
+    assert cfg.model == "gpt2" and cfg.steps == TrainConfig().steps and cfg.bandwidth == 1e-3
+    assert cfg.lr == 7e-5 and cfg.max_grad_norm == 0.0  # the paper's
+    assert parse_args(["--config", str(path), "--recipe", "default"]).max_grad_norm == TrainConfig().max_grad_norm
+
+
+def test_flags_are_never_abbreviated(capsys):
+    """--step (a flag to come) must not be read as --steps, nor any prefix as a flag."""
+    for argv in (["--step", "10"], ["--bandwidth", "0.1", "--lr-warm", "5"], ["--mod", "gpt2"]):
+        with pytest.raises(SystemExit):
+            parse_args([*ACTS, *argv])
+        assert "unrecognized arguments" in capsys.readouterr().err

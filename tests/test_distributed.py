@@ -14,6 +14,9 @@ from safetensors.torch import load_file
 
 from jumprelu_ext.train import loop as train
 
+# torchrun: every test starts two or more processes and trains.
+pytestmark = pytest.mark.slow
+
 D_IN, D_SAE = 16, 32
 
 

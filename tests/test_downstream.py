@@ -9,7 +9,7 @@ import torch
 # transformers is a dependency here and in CI; the bare GPU machine may lack it.
 pytest.importorskip("transformers")
 
-from _tiny_models import CORPUS, save_tiny_bert, save_tiny_gpt2
+from _tiny_models import CORPUS, save_tiny_bert
 
 from jumprelu_ext.sae import JumpReLUSAE
 from jumprelu_ext.train.data.harvest import HarvestError, load_model, tokenize
@@ -19,8 +19,8 @@ CAUSAL_KEYS = {"kind", "ce_clean", "ce_spliced", "ce_zero_ablation", "delta_ce",
 
 
 @pytest.fixture(scope="module")
-def gpt2(tmp_path_factory):
-    return load_model(str(save_tiny_gpt2(tmp_path_factory.mktemp("gpt2"))), layer=0)
+def gpt2(tiny_gpt2_folder):
+    return load_model(str(tiny_gpt2_folder), layer=0)
 
 
 @pytest.fixture(scope="module")

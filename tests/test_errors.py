@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from conftest import requires_compiled, requires_cuda
+from conftest import IMPLS, requires_compiled, requires_cuda
 
 import jumprelu_ext
 
@@ -395,11 +395,6 @@ def test_messages_are_the_same_in_python_and_cpp():
 # A bandwidth that passes "positive and finite" as a Python float (double) but is not so in the
 # fp32 compute dtype: it must be rejected clearly, or work (finite θ-gradient); never NaN/crash
 # later in backward.
-
-IMPLS = [
-    pytest.param(jumprelu_ext, id="public", marks=requires_compiled),
-    pytest.param(jumprelu_ext.reference, id="reference"),
-]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -394,6 +394,7 @@ def _table(est: dict, theta: float, c: str) -> str:
     return "\n".join(lines)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_ste_matches_kde(impl, api):
@@ -414,6 +415,7 @@ def test_ste_matches_kde(impl, api):
                 assert abs(mean - ex["M"][eps]) <= Z_SIGMA * se, msg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_ste_converges_to_derivative(impl, api):
@@ -440,6 +442,7 @@ def test_ste_converges_to_derivative(impl, api):
             assert abs(mean_min - d) < abs(mean_max - d) / 2, msg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mutant", list(MUTANTS))
 def test_negative_controls(mutant):
     """The same harness flags estimators with a wrong kernel scaling: at some θ their error at

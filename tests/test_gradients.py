@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import (
     DTYPE_PAIRS,
+    IMPLS,
     assert_exact,
     assert_theta_grad_close,
     cpu,
@@ -17,16 +18,11 @@ from conftest import (
     requires_compiled,
 )
 
-import jumprelu_ext
 from jumprelu_ext import reference
 
 ops = torch.ops.jumprelu_ext
 
-# The formula tests also run on the reference: it is the oracle of the other tests.
-IMPLS = [
-    pytest.param(jumprelu_ext, id="public", marks=requires_compiled),
-    pytest.param(reference, id="reference"),
-]
+# The formula tests also run on the reference (IMPLS): it is the oracle of the other tests.
 
 
 def formula_theta_grad(pre, theta, eps, g_acts=None, g_l0=None, step=False):

@@ -11,7 +11,7 @@ import torch
 # transformers is a dependency here and in CI; the bare GPU machine may lack it.
 pytest.importorskip("transformers")
 
-from _tiny_models import CORPUS, read_texts, save_tiny_bert, save_tiny_gpt2
+from _tiny_models import CORPUS, read_texts, save_tiny_bert
 
 from jumprelu_ext.train.data.harvest import (
     ALLOW_DOWNLOAD_ENV,
@@ -26,8 +26,8 @@ from jumprelu_ext.train.data.text import EMBEDDED_DATASET, TextError, iter_texts
 
 
 @pytest.fixture(scope="module")
-def gpt2(tmp_path_factory):
-    return load_model(str(save_tiny_gpt2(tmp_path_factory.mktemp("gpt2"))), layer=0)
+def gpt2(tiny_gpt2_folder):
+    return load_model(str(tiny_gpt2_folder), layer=0)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # each test imports the package in a fresh interpreter
 
 
 def run_python(code: str) -> str:

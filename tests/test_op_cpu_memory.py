@@ -7,6 +7,7 @@ import resource
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import requires_compiled
 
@@ -50,6 +51,7 @@ def test_outputs_are_ordinary_tensors():
     assert l0.dtype == torch.float32 and l0.shape == SHAPE[:1]
 
 
+@pytest.mark.slow
 def test_cache_can_be_switched_off():
     code = (
         "import resource, torch, jumprelu_ext\n"

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import (
     DTYPE_PAIRS,
+    IMPLS,
     assert_exact,
     cpu,
     make_inputs,
@@ -25,11 +26,6 @@ from jumprelu_ext import reference
 EPS = 0.1
 OPS = ["jumprelu", "step", "jumprelu_l0"]
 ops = torch.ops.jumprelu_ext
-IMPLS = [
-    pytest.param(jumprelu_ext, id="public", marks=requires_compiled),
-    pytest.param(reference, id="reference"),
-]
-
 # F = 1 and F not a multiple of any vector width or block size (CUDA: 4/8 columns per thread,
 # 256 threads), a 3-D batch, and a width whose blocks span several rows per block (F < 256).
 SHAPES = [(37, 1), (29, 45), (3, 5, 70), (9, 2053), (40, 4104)]

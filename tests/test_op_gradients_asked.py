@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_exact, cpu, make_inputs, rand_like_grad, requires_compiled
+from conftest import IMPLS, assert_exact, cpu, make_inputs, rand_like_grad, requires_compiled
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import jumprelu_ext
@@ -13,10 +13,6 @@ from jumprelu_ext import reference
 
 EPS = 0.1
 ops = torch.ops.jumprelu_ext
-IMPLS = [
-    pytest.param(jumprelu_ext, id="public", marks=requires_compiled),
-    pytest.param(reference, id="reference"),
-]
 
 
 class RecordOps(TorchDispatchMode):

@@ -11,16 +11,12 @@ import inspect
 
 import pytest
 import torch
-from conftest import assert_exact, cpu, grads, make_inputs, rand_like_grad, requires_compiled
+from conftest import IMPLS, assert_exact, cpu, grads, make_inputs, rand_like_grad, requires_compiled
 
 import jumprelu_ext
 from jumprelu_ext import reference
 
 EPS = 0.1
-IMPLS = [
-    pytest.param(jumprelu_ext, id="public", marks=requires_compiled),
-    pytest.param(reference, id="reference"),
-]
 
 
 def _rectangle(u):
@@ -172,6 +168,7 @@ def test_opcheck_with_flag(device, op):
             torch.library.opcheck(getattr(ops, f"{op}_backward").default, (g, p, t, EPS, *flags))
 
 
+@pytest.mark.slow
 @requires_compiled
 def test_compile_fullgraph_with_flag(device):
     pre, theta = make_inputs((16, 12), torch.float32, torch.float32, device, seed=740, bandwidth=EPS, window_frac=0.6)

@@ -79,6 +79,7 @@ def test_a_raw_threshold_is_kept_nonnegative():
     assert sae.threshold.min() == 0 and sae.threshold.max() == 1
 
 
+@pytest.mark.slow
 def test_target_l0_is_reached_on_a_small_run(activations, tmp_path):
     out = tmp_path / "target"
     # 600 steps: the controller settles (time constant about 100 steps) before the default tail
@@ -130,6 +131,7 @@ def test_recipe_presets():
     assert bare_paper.model is not None and bare_paper.lr == PAPER_RECIPE["lr"]
 
 
+@pytest.mark.slow
 def test_separate_eval_file_trains_on_every_row(activations, tmp_path):
     rng = np.random.default_rng(5)
     held_out = tmp_path / "eval.npy"
@@ -148,6 +150,7 @@ def test_eval_activations_must_match_width(activations, tmp_path):
         train.main(small_run_flags(activations, tmp_path / "run", "--eval-activations", str(held_out)))
 
 
+@pytest.mark.slow
 def test_eval_fraction_zero_trains_on_everything_and_skips_evaluation(activations, tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(small_run_flags(activations, out, "--eval-fraction", "0")) == 0
@@ -155,6 +158,7 @@ def test_eval_fraction_zero_trains_on_everything_and_skips_evaluation(activation
     assert (out / "sae_weights.safetensors").is_file() and not (out / "eval.json").exists()
 
 
+@pytest.mark.slow
 def test_no_clipping_matches_the_unclipped_recipe_and_clipping_changes_the_run(activations, tmp_path):
     runs = {}
     for name, norm in (("off", "0"), ("huge", "1e9"), ("tight", "0.01")):
@@ -198,6 +202,7 @@ def test_config_names_the_new_flags():
         assert flag[2:].replace("-", "_") in TrainConfig.__dataclass_fields__
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("init", ["mean", "zeros"])
 def test_b_dec_starts_at_the_training_rows_mean_or_zero(activations, tmp_path, init):
     # One step at a negligible lr: the saved b_dec (unscaled again) is where it started.

@@ -7,9 +7,12 @@ have, for every true feature on average, a decoder row with cosine similarity â‰
 """
 
 import numpy as np
+import pytest
 
 from jumprelu_ext.export import load_sae
 from jumprelu_ext.train import loop as train
+
+pytestmark = pytest.mark.slow  # a training run of hundreds of steps
 
 D_IN, N_TRUE, N_SAMPLES = 24, 48, 40_000
 

@@ -71,6 +71,7 @@ def _synthetic_run(controller, steps, d_in=16, d_sae=64, batch=256):
     return l0s
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [4, 12])
 def test_a_small_synthetic_run_settles_at_the_target_without_swinging(target):
     l0s = _synthetic_run(TargetL0Controller(target=target, initial=1e-3), steps=500)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import (
     DTYPE_PAIRS,
+    IMPLS,
     assert_exact,
     assert_theta_grad_close,
     cpu,
@@ -17,10 +18,6 @@ from conftest import (
 import jumprelu_ext
 from jumprelu_ext import reference
 
-IMPLS = [
-    pytest.param(jumprelu_ext, id="public", marks=requires_compiled),
-    pytest.param(reference, id="reference"),
-]
 EPS = 0.1
 
 

@@ -6,14 +6,12 @@ import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 pytest.importorskip("transformers")
 
-from _tiny_models import WORDS, save_tiny_gpt2
 from conftest import DEVICES
 
 from jumprelu_ext.train import loop as train
@@ -29,17 +27,6 @@ from jumprelu_ext.train.data.harvest import (
 )
 from jumprelu_ext.train.data.stream import StreamedBatches, heldout_windows
 from jumprelu_ext.train.data.text import iter_texts
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """The tiny GPT-2 and a text of 120 random documents (no two windows alike)."""
-    folder = tmp_path_factory.mktemp("stream")
-    rng = np.random.default_rng(0)
-    docs = [" ".join(rng.choice(WORDS, size=rng.integers(3, 30))) for _ in range(120)]
-    text = folder / "text.txt"
-    text.write_text("\n\n".join(docs))
-    return save_tiny_gpt2(folder / "gpt2"), text
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +81,7 @@ def test_each_pass_serves_every_training_row_once_and_no_held_out_row(gpt2, tiny
     batches.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_pieces", [32, 4])  # 4: the first pass's 9 fills are merged into 4 pieces
 def test_later_passes_read_the_text_in_a_new_order(gpt2, tiny, monkeypatch, max_pieces):
     monkeypatch.setattr(stream_module, "MAX_PIECES", max_pieces)
@@ -120,6 +108,7 @@ def test_later_passes_read_the_text_in_a_new_order(gpt2, tiny, monkeypatch, max_
     assert f"pass 3 over {tiny[1]} begins, its {min(max_pieces, 9)} pieces in a new order" in " ".join(messages)
 
 
+@pytest.mark.slow
 def test_state_dict_resumes_the_stream_exactly(gpt2, tiny):
     reference = stream(gpt2, tiny[1])
     batches = [next(reference) for _ in range(100)]  # about 2.6 passes over the text
@@ -146,6 +135,7 @@ def _save(state):
     return buffer
 
 
+@pytest.mark.slow
 def test_a_text_that_fits_in_one_fill_is_harvested_once(gpt2, tiny):
     messages = []
     batches = stream(gpt2, tiny[1], buffer_tokens=10**6, log=messages.append)
@@ -221,6 +211,7 @@ sys.exit(loop.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_streamed_run_killed_between_checkpoints_resumes_to_the_same_weights(tiny, tmp_path):
     reference, out = tmp_path / "reference", tmp_path / "killed"
     assert train.main(model_flags(tiny, reference)) == 0
@@ -240,6 +231,7 @@ def test_a_streamed_run_killed_between_checkpoints_resumes_to_the_same_weights(t
     assert json.loads((out / "eval.json").read_text())["steps"] == 40
 
 
+@pytest.mark.slow
 def test_a_parquet_text_trains_exactly_as_the_same_text_file(tiny, tmp_path):
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     parquet = tmp_path / "docs.parquet"
@@ -288,6 +280,7 @@ def test_bad_streaming_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, monk
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)  # on CUDA the producer harvests on a stream of its own
 def test_the_producer_thread_changes_nothing_but_timing(gpt2, tiny, device):
     model = gpt2 if device == "cpu" else load_model(str(tiny[0]), layer=1, device=device)

@@ -68,6 +68,7 @@ def evaluation(folder):
     return {k: v for k, v in results.items() if k not in TIMING}
 
 
+@pytest.mark.slow
 def test_each_sae_of_a_sweep_is_the_single_run_with_its_value(sweep, singles):
     for value, single in singles.items():
         folder = sweep / f"l0_coefficient-{value:g}"
@@ -82,6 +83,7 @@ def test_each_sae_of_a_sweep_is_the_single_run_with_its_value(sweep, singles):
     assert not (sweep / "sae_weights.safetensors").exists()  # the SAEs live in their folders only
 
 
+@pytest.mark.slow
 def test_a_sweep_writes_a_summary_and_a_frontier(sweep, singles):
     rows = json.loads((sweep / "summary.json").read_text())
     assert [row["name"] for row in rows] == [f"l0_coefficient-{float(v):g}" for v in LAMBDAS]
@@ -94,6 +96,7 @@ def test_a_sweep_writes_a_summary_and_a_frontier(sweep, singles):
     assert (sweep / "checkpoint.pt").is_file()
 
 
+@pytest.mark.slow
 def test_a_target_l0_sweep_equals_its_single_runs(activations, tmp_path):
     steer = ["--l0-coefficient", "1e-2", "--threshold-param", "raw"]
     assert train.main(sweep_flags(activations, tmp_path / "sweep", *steer, "--target-l0", "5,12")) == 0
@@ -103,6 +106,7 @@ def test_a_target_l0_sweep_equals_its_single_runs(activations, tmp_path):
         assert metrics(tmp_path / "sweep" / f"target_l0-{target}") == metrics(tmp_path / target)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["sigterm", "kill"])
 def test_a_sweep_stopped_between_checkpoints_resumes_every_sae_exactly(
     activations, singles, tmp_path, monkeypatch, how
@@ -135,6 +139,7 @@ def cli(argv, capsys):
     return status, capsys.readouterr().err.strip().splitlines()
 
 
+@pytest.mark.slow
 def test_resume_and_overwrite_know_the_sweep(activations, sweep, tmp_path, capsys):
     other = ["--l0-coefficient", "1e-3,5e-2"]
     status, err = cli(sweep_flags(activations, sweep, *other), capsys)
@@ -189,23 +194,12 @@ def test_a_list_in_the_config_file_is_one_line_and_exit_2(activations, tmp_path,
     assert status == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
+@pytest.mark.slow
 def test_a_config_file_list_sweeps(activations, sweep, tmp_path):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"l0_coefficient": [float(v) for v in LAMBDAS]}))
     assert train.main(sweep_flags(activations, tmp_path / "run", "--config", str(config), "--steps", "2")) == 0
     assert len(json.loads((tmp_path / "run" / "summary.json").read_text())) == len(LAMBDAS)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    pytest.importorskip("transformers")
-    from _tiny_models import WORDS, save_tiny_gpt2
-
-    folder = tmp_path_factory.mktemp("stream")
-    rng = np.random.default_rng(0)
-    text = folder / "text.txt"
-    text.write_text("\n\n".join(" ".join(rng.choice(WORDS, size=rng.integers(3, 30))) for _ in range(120)))
-    return save_tiny_gpt2(folder / "gpt2"), text
 
 
 def model_flags(tiny, out, *extra):
@@ -214,6 +208,7 @@ def model_flags(tiny, out, *extra):
     return stream_flags(tiny, out, "--steps", "16", "--log-every", "8", *extra)
 
 
+@pytest.mark.slow
 def test_a_streamed_sweep_stopped_and_resumed_equals_its_single_runs(tiny, tmp_path, monkeypatch):
     """The model's activations are harvested once, in fills shared by both SAEs; stopped at step
     10, between checkpoints (every 7 steps) and inside a fill, the sweep resumes exactly."""
@@ -237,6 +232,7 @@ def test_a_streamed_sweep_stopped_and_resumed_equals_its_single_runs(tiny, tmp_p
     assert all("delta_ce" in row for row in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["data-parallel", "sharded"])
 def test_a_sweep_under_torchrun_equals_the_single_process_sweep(activations, sweep, tmp_path, layout):
     out = tmp_path / layout

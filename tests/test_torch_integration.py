@@ -100,6 +100,7 @@ def test_fake_kernels_check_inputs():
 # torch.compile (two tests per device; keep it that way: each costs 10-30 s on 2 CPU cores).
 
 
+@pytest.mark.slow
 def test_compile_sae_forward_backward(device):
     """A small JumpReLU SAE step (encode with jumprelu_l0, decode, mse + λ·mean L0) compiled with
     fullgraph=True matches eager: loss, L0 and the gradients of all parameters incl. log θ."""
@@ -144,6 +145,7 @@ def test_compile_sae_forward_backward(device):
         )
 
 
+@pytest.mark.slow
 def test_compile_bare_ops(device):
     """fullgraph compile of all three ops and their backward (incl. mixed precision) matches eager
     bit for bit: the same kernels run, only the graph around them is compiled. step and

