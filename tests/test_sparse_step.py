@@ -261,6 +261,7 @@ def test_opcheck():
     torch.library.opcheck(ops.sparse_decode.default, (acts.offsets, acts.indices, values, W_dec))
 
 
+@pytest.mark.slow
 @requires_compiled
 def test_torch_compile_fullgraph():
     sae = make_sae(10, 64, "cpu")

@@ -9,6 +9,8 @@ import pytest
 from jumprelu_ext.train import loop as train
 from jumprelu_ext.train.config import ConfigError
 
+pytestmark = pytest.mark.slow  # training runs
+
 D_IN = 16
 RUN = (
     "--d-sae 256 --batch-size 128 --steps 40 --lr 1e-3 --lr-warmup-steps 2 --sparsity-warmup-steps 10 "
