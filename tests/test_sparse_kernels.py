@@ -277,8 +277,14 @@ def test_decode_without_entries_and_malformed_csr(device):
             ops.sparse_decode(torch.tensor([0, 1]), torch.tensor([10]), one, W_dec)
         with pytest.raises(RuntimeError, match="non-decreasing"):
             ops.sparse_decode(torch.tensor([0, 1, 0]), torch.tensor([1]), one, W_dec)
-        with pytest.raises(RuntimeError, match="exceeds nnz"):
+        with pytest.raises(RuntimeError, match="must be nnz"):
             ops.sparse_decode(torch.tensor([0, 2]), torch.tensor([1]), one, W_dec)
+        with pytest.raises(RuntimeError, match="must be nnz"):  # an entry no row owns
+            ops.sparse_decode_backward(
+                torch.ones(1, 4), torch.tensor([0, 0]), torch.tensor([1]), one, W_dec, True, False
+            )
+        with pytest.raises(RuntimeError, match="offsets.0. must be 0"):
+            ops.sparse_decode(torch.tensor([1, 1]), torch.tensor([1]), one, W_dec)
 
 
 # ---------------------------------------------------------------- sparse_encode_backward
