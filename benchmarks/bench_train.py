@@ -51,7 +51,7 @@ class EagerJumpReLUSAE(JumpReLUSAE):
 
 
 def make_step(sae: JumpReLUSAE, x: torch.Tensor, precision: str):
-    optimizer = torch.optim.Adam(sae.parameters(), lr=7e-5, betas=(0.0, 0.999), eps=1e-8)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=7e-5, betas=(0.0, 0.999), eps=1e-8, fused=True)  # as the trainer
     autocast = (
         torch.autocast(x.device.type, dtype=torch.bfloat16)
         if precision == "bf16-autocast"

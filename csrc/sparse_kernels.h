@@ -72,6 +72,23 @@ struct FeatureSumsArgs {
   at::Tensor sums;        // [features], values' dtype, or undefined
 };
 
+// Entries sorted by feature, stably (so by row within a feature), and each entry's row: the
+// order feature_sums reads in.
+struct FeatureOrder {
+  at::Tensor
+      feature_offsets;    // [features+1] int64: feature f's entries are order[fo[f] … fo[f+1]−1]
+  at::Tensor order;       // [nnz] int64
+  at::Tensor entry_rows;  // [nnz] int64
+};
+
+// A stable counting sort: linear in nnz + features (a comparison sort of 0.5M entries took
+// longer than the rest of the backward's kernels together).
+FeatureOrder feature_order_cpu(const at::Tensor& offsets, const at::Tensor& indices,
+                               int64_t features);
+// ATen's stable sort (a radix sort on the GPU).
+FeatureOrder feature_order_sorted(const at::Tensor& offsets, const at::Tensor& indices,
+                                  int64_t features);
+
 Support select_support_cpu(const SelectArgs& args);
 void spmm_cpu(const SpmmArgs& args);
 void sddmm_cpu(const SddmmArgs& args);
@@ -84,6 +101,7 @@ void feature_sums_cuda(const FeatureSumsArgs& args);
 
 // A backend's four kernels, as the wrappers' template argument (register_sparse_ops<...>).
 struct CpuSparseKernels {
+  static constexpr auto feature_order = &feature_order_cpu;
   static constexpr auto select = &select_support_cpu;
   static constexpr auto spmm = &spmm_cpu;
   static constexpr auto sddmm = &sddmm_cpu;
@@ -91,6 +109,7 @@ struct CpuSparseKernels {
 };
 
 struct CudaSparseKernels {
+  static constexpr auto feature_order = &feature_order_sorted;
   static constexpr auto select = &select_support_cuda;
   static constexpr auto spmm = &spmm_cuda;
   static constexpr auto sddmm = &sddmm_cuda;

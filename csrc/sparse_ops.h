@@ -47,29 +47,9 @@ inline void check_csr(const char* op, const at::Tensor& offsets, const at::Tenso
   }
 }
 
-// Entries sorted by feature (stable: by row within a feature) and each entry's row.
-struct FeatureOrder {
-  at::Tensor feature_offsets;  // [features+1]
-  at::Tensor order;            // [nnz]
-  at::Tensor entry_rows;       // [nnz]
-};
-
-inline FeatureOrder feature_order(const at::Tensor& offsets, const at::Tensor& indices,
-                                  int64_t features) {
-  const int64_t rows = offsets.size(0) - 1, nnz = indices.size(0);
-  FeatureOrder f;
-  f.order = std::get<1>(at::sort(indices, /*stable=*/true, /*dim=*/0, /*descending=*/false));
-  f.feature_offsets = at::zeros({features + 1}, indices.options());
-  if (nnz > 0) f.feature_offsets.slice(0, 1).copy_(at::bincount(indices, {}, features).cumsum(0));
-  const at::Tensor counts = offsets.slice(0, 1) - offsets.slice(0, 0, rows);
-  f.entry_rows = at::repeat_interleave(at::arange(rows, indices.options()), counts, 0, nnz);
-  return f;
-}
-
 template <typename K>
-at::Tensor feature_sums_out(const FeatureOrder& f, const at::Tensor& values,
-                            const at::Tensor& rows, bool want_out, bool want_sums,
-                            int64_t features, at::Tensor* sums_out) {
+at::Tensor feature_sums_out(const FeatureOrder& f, const at::Tensor& values, const at::Tensor& rows,
+                            bool want_out, bool want_sums, int64_t features, at::Tensor* sums_out) {
   FeatureSumsArgs a;
   a.feature_offsets = f.feature_offsets;
   a.order = f.order;
@@ -90,8 +70,8 @@ at::Tensor feature_sums_out(const FeatureOrder& f, const at::Tensor& values,
 inline void check_encoder(const char* op, const at::Tensor& x, const at::Tensor& W_enc,
                           const at::Tensor& threshold, double bandwidth) {
   TORCH_CHECK(x.dim() == 2, op, ": x must be [rows, d_in], got shape ", x.sizes());
-  TORCH_CHECK(W_enc.dim() == 2 && W_enc.size(0) == x.size(1), op, ": W_enc must be [d_in = ",
-              x.size(1), ", features], got shape ", W_enc.sizes());
+  TORCH_CHECK(W_enc.dim() == 2 && W_enc.size(0) == x.size(1), op,
+              ": W_enc must be [d_in = ", x.size(1), ", features], got shape ", W_enc.sizes());
   TORCH_CHECK(W_enc.scalar_type() == x.scalar_type(), op, ": W_enc (", W_enc.scalar_type(),
               ") must have x's dtype (", x.scalar_type(), ")");
   TORCH_CHECK(W_enc.device() == x.device(), op, ": x is on ", x.device(), " but W_enc is on ",
@@ -139,8 +119,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_en
   }
   const auto acc = x.options().dtype(compute_dtype(x.scalar_type()));
   if (rows == 0) {
-    return {at::zeros({1}, x.options().dtype(at::kLong)), at::empty({0}, x.options().dtype(at::kLong)),
-            at::empty({0}, acc), at::empty({0}, x.options().dtype(at::kByte)),
+    return {at::zeros({1}, x.options().dtype(at::kLong)),
+            at::empty({0}, x.options().dtype(at::kLong)), at::empty({0}, acc),
+            at::empty({0}, x.options().dtype(at::kByte)),
             at::empty({0}, x.options().dtype(at::kFloat))};
   }
   at::Tensor offsets = at::zeros({rows + 1}, x.options().dtype(at::kLong));
@@ -158,21 +139,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_en
 
 // Per entry (compute dtype): term = [window]·(θ·grad_values + grad_l0[row]) (a missing gradient
 // adds nothing), grad_pre = [active]·grad_values (+ term/ε with ste_to_input). Then
-// ∂θ = −Σ term/ε, ∂b_enc = Σ grad_pre, ∂W_encᵀ[f] = Σ grad_pre·x[row], ∂x[r] = Σ grad_pre·W_encᵀ[f].
+// ∂θ = −Σ term/ε, ∂b_enc = Σ grad_pre, ∂W_encᵀ[f] = Σ grad_pre·x[row], ∂x[r] = Σ
+// grad_pre·W_encᵀ[f].
 template <typename K>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward_op(
     const std::optional<at::Tensor>& grad_values, const std::optional<at::Tensor>& grad_l0,
     const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& threshold,
-    const at::Tensor& offsets, const at::Tensor& indices, const at::Tensor& flags,
-    double bandwidth, bool ste_to_input, bool needs_x, bool needs_W_enc, bool needs_b_enc,
-    bool needs_threshold) {
+    const at::Tensor& offsets, const at::Tensor& indices, const at::Tensor& flags, double bandwidth,
+    bool ste_to_input, bool needs_x, bool needs_W_enc, bool needs_b_enc, bool needs_threshold) {
   const char* op = "sparse_encode_backward";
   check_encoder(op, x, W_enc, threshold, bandwidth);
   const int64_t rows = x.size(0), features = W_enc.size(1), nnz = indices.size(0);
   const at::ScalarType acc = compute_dtype(x.scalar_type());
   const auto acc_options = x.options().dtype(acc);
-  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == rows + 1, op, ": offsets must be [rows + 1 = ",
-              rows + 1, "], got ", offsets.sizes());
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == rows + 1, op,
+              ": offsets must be [rows + 1 = ", rows + 1, "], got ", offsets.sizes());
   TORCH_CHECK(flags.dim() == 1 && flags.size(0) == nnz && flags.scalar_type() == at::kByte, op,
               ": flags must be uint8 [nnz]");
   const bool has_values = grad_values.has_value() && grad_values->defined();
@@ -185,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_encode_backwar
     TORCH_CHECK(grad_l0->dim() == 1 && grad_l0->size(0) == rows, op,
                 ": the l0 gradient must be [rows], got ", grad_l0->sizes());
   }
-  const FeatureOrder f = feature_order(offsets, indices, features);
+  const FeatureOrder f = K::feature_order(offsets.contiguous(), indices.contiguous(), features);
   const at::Tensor window = flags.bitwise_and(kWindow).ne(0);
   const at::Tensor active = flags.bitwise_and(kActive).ne(0);
   const at::Tensor eps = at::full({}, bandwidth, acc_options);
@@ -209,8 +190,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_encode_backwar
   }
   if (needs_W_enc || needs_b_enc) {
     at::Tensor sums;
-    at::Tensor w = feature_sums_out<K>(f, grad_pre, x.to(acc), needs_W_enc, needs_b_enc, features,
-                                       &sums);
+    at::Tensor w =
+        feature_sums_out<K>(f, grad_pre, x.to(acc), needs_W_enc, needs_b_enc, features, &sums);
     if (needs_W_enc) grad_W_enc = w.t().contiguous().to(W_enc.scalar_type());
     if (needs_b_enc) grad_b_enc = sums.to(x.scalar_type());
   }
@@ -275,9 +256,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_op(
     grad_values = a.out;
   }
   if (needs_W_dec) {
-    const FeatureOrder f = feature_order(offsets, indices, features);
-    grad_W_dec = feature_sums_out<K>(f, values, g, true, false, features, nullptr)
-                     .to(W_dec.scalar_type());
+    const FeatureOrder f = K::feature_order(offsets.contiguous(), indices.contiguous(), features);
+    grad_W_dec =
+        feature_sums_out<K>(f, values, g, true, false, features, nullptr).to(W_dec.scalar_type());
   }
   return {grad_values, grad_W_dec};
 }

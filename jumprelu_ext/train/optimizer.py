@@ -11,6 +11,9 @@ from .schedules import lr_factor
 from .sharding import FEATURE_DIM
 
 
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
+
+
 def threshold_parameter(sae) -> torch.nn.Parameter:
     return sae.log_threshold if sae.threshold_param == "log" else sae.get_parameter("threshold")
 
@@ -33,6 +36,9 @@ def build_optimizer(sae, cfg):
         lr=cfg.lr,
         betas=(0.0, 0.999),
         eps=1e-8,
+        # One pass over each parameter instead of several: on the CPU 6x faster at d_sae 65,536,
+        # where the sparse step leaves Adam a large share of the step (docs/ops.md#the-sparse-step).
+        fused=theta.device.type in FUSED_ADAM_DEVICES,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.lr_warmup_steps, cfg.steps, cfg.lr_decay)
