@@ -147,11 +147,11 @@ def _resident_mib() -> float:
     return 0.0
 
 
-def measure_path_alone(args, path: str, d_sae: int, precision: str) -> dict[str, object]:
+def measure_path_alone(args, path: str, d_sae: int, precision: str, l0: float) -> dict[str, object]:
     """``measure_path`` in a fresh process, so that its CPU peak memory is its own."""
     command = [sys.executable, __file__, "--worker", path, "--device", args.device, "--d-in", str(args.d_in)]
     command += ["--batch", str(args.batch), "--d-sae", str(d_sae), "--precisions", precision]
-    command += ["--l0", str(args.l0), "--bandwidth", str(args.bandwidth)]
+    command += ["--l0", str(l0), "--bandwidth", str(args.bandwidth)]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -187,6 +187,13 @@ SPARSE_COLUMNS: list[harness.Column] = [
 ]
 
 
+def show(baseline: dict, ours: dict, env: dict, columns) -> list[dict]:
+    for result in (baseline, ours):
+        result.update(env)
+        print(harness.table_lines(columns, [result], header=False)[0], flush=True)
+    return [baseline, ours]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -195,7 +202,11 @@ def main() -> int:
     parser.add_argument("--batch", type=int, help="default: 4096 on CUDA, 1024 on CPU")
     parser.add_argument("--d-sae", help="comma-separated; default: 16384,131072 on CUDA, 4096 on CPU")
     parser.add_argument("--precisions", help="fp32-tf32 and/or bf16-autocast; default: both on CUDA, fp32 on CPU")
-    parser.add_argument("--l0", type=float, default=45.0, help="--compare sparse: the L0 θ is set for")
+    parser.add_argument(
+        "--l0",
+        default="45",
+        help="--compare sparse: the L0 θ is set for; comma-separated for several (where auto's threshold sits)",
+    )
     parser.add_argument("--bandwidth", type=float, default=1e-3, help="--compare sparse: ε")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--markdown", type=Path, help="rewrite this device's training-step section of this file")
@@ -213,7 +224,7 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = True  # the "fp32-tf32" setting; no effect on CPU
     if args.worker:
         result = measure_path(
-            args.worker, args.d_in, d_saes[0], args.batch, device, precisions[0], args.l0, args.bandwidth
+            args.worker, args.d_in, d_saes[0], args.batch, device, precisions[0], float(args.l0), args.bandwidth
         )
         print(json.dumps(result))
         return 0
@@ -226,10 +237,13 @@ def main() -> int:
     for precision in precisions:
         for d_sae in d_saes:
             if args.compare == "sparse":
-                pair = [measure_path_alone(args, path, d_sae, precision) for path in ("dense", "sparse")]
-                baseline, ours = pair
-                ours["speedup_vs_dense"] = baseline["ms"] / ours["ms"]
-                ours["memory_vs_dense"] = ours["peak_mib"] / baseline["peak_mib"]
+                for l0 in (float(v) for v in args.l0.split(",")):
+                    baseline, ours = (
+                        measure_path_alone(args, path, d_sae, precision, l0) for path in ("dense", "sparse")
+                    )
+                    ours["speedup_vs_dense"] = baseline["ms"] / ours["ms"]
+                    ours["memory_vs_dense"] = ours["peak_mib"] / baseline["peak_mib"]
+                    records += show(baseline, ours, env, columns)
             else:
                 x = torch.randn(args.batch, args.d_in, device=device)
                 x = x / x.pow(2).sum(-1).mean().sqrt()  # E‖x‖² = 1, as the trainer scales inputs
@@ -237,10 +251,7 @@ def main() -> int:
                 ours["speedup_vs_eager"] = baseline["ms"] / ours["ms"]
                 if ours["peak_mib"] is not None:
                     ours["memory_vs_eager"] = ours["peak_mib"] / baseline["peak_mib"]
-            for result in (baseline, ours):
-                result.update(env)
-                records.append(result)
-                print(harness.table_lines(columns, [result], header=False)[0], flush=True)
+                records += show(baseline, ours, env, columns)
     kind = "sparse_step" if args.compare == "sparse" else "train"
     harness.publish(
         records,
