@@ -63,7 +63,7 @@ from sae_lens.saes.jumprelu_sae import (
 from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
 
 from ._checks import check_inputs
-from .ops import jumprelu, jumprelu_l0
+from .ops import jumprelu, jumprelu_l0, step
 from .reference import window
 from .sparse import ACTIVE, SparseActs, sparse_decode, sparse_encode
 from .step_policy import STEPS, StepPolicy
@@ -312,6 +312,8 @@ class JumpReLUExtTrainingSAE(JumpReLUTrainingSAE):
         """Why the sparse step cannot serve this batch (None: it can)."""
         if x.dim() != 2:
             return f"the batch is {x.dim()}-D (the sparse step takes [batch, d_in])"
+        if self.dtype == torch.float64:
+            return "dtype float64 (the sparse step's L0 gradient is float32)"
         hooked = [
             name
             for name in ("hook_sae_acts_pre", "hook_sae_acts_post")
@@ -330,6 +332,11 @@ class JumpReLUExtTrainingSAE(JumpReLUTrainingSAE):
         l0 = None
         if cfg.jumprelu_sparsity_loss_mode == "tanh":
             acts = jumprelu(hidden_pre, threshold, self.bandwidth, cfg.jumprelu_ste_to_input)
+        elif hidden_pre.dtype == torch.float64:
+            # The fused op's L0 and its gradient are float32 (docs/ops.md#l0-dtype), which would
+            # round the L0 gradient of a float64 SAE: the unfused pair, in float64 throughout.
+            acts = jumprelu(hidden_pre, threshold, self.bandwidth, cfg.jumprelu_ste_to_input)
+            l0 = step(hidden_pre, threshold, self.bandwidth, cfg.jumprelu_ste_to_input).sum(dim=-1)
         else:
             acts, l0 = jumprelu_l0(hidden_pre, threshold, self.bandwidth, cfg.jumprelu_ste_to_input)
             l0 = l0.to(hidden_pre.dtype)  # SAELens sums the step in hidden_pre's dtype
