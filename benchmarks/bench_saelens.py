@@ -15,8 +15,9 @@ An untrained SAE fires on about half its features, where no sparse step pays; a 
 tens. So θ is set per feature from its pre-activations on a calibration batch (apart from the timed
 ones) such that each feature fires on about ``--l0``/F of fresh rows, as a trained SAE does on new
 data; the inputs are N(0, I), i.e. E‖x‖² = d_in, what SAELens's ``expected_average_only_in``
-normalisation gives. Each row runs in a process of its own (CPU: its peak resident set above the
-one before its first step; CUDA: peak allocated above what is live before a step).
+normalisation gives. Each row runs in a process of its own (CPU: its resident high-water mark over
+the timed steps above its resident set before the first step; CUDA: peak allocated above what is
+live before a step).
 
     python benchmarks/bench_saelens.py --device cpu --d-sae 16384,65536 --markdown benchmarks/RESULTS.md
 """
@@ -92,11 +93,14 @@ def measure(impl: str, d_in: int, d_sae: int, batch: int, device: torch.device, 
         sparse.append(out.metrics.get("jumprelu_ext/sparse_step", 0.0))
         l0s.append(out.losses["l0_loss"].item())  # the "step" penalty with coefficient 1: the mean L0
 
-    before = _resident_mib()
-    ms, reps = harness.measure_ms(step, device, plan)
+    before = _status_mib("VmRSS")
+    for _ in range(plan.warmup):  # auto measures the support here, and may take a dense step
+        step()
+    reset = _reset_peak_resident()
+    ms, reps = harness.measure_ms(step, device, harness.TimingPlan(0, plan.min_reps, plan.max_reps, 0.0))
     peak = harness.peak_memory_mib(step, device)
-    if peak is None:  # CPU: the process's high-water mark above its resident set before the first step
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    if peak is None:  # CPU: the high-water mark over the timed steps above the resident set before the first
+        peak = (_status_mib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024) - before
     timed = slice(plan.warmup, plan.warmup + reps)
     return {
         "impl": impl,
@@ -113,11 +117,21 @@ def measure(impl: str, d_in: int, d_sae: int, batch: int, device: torch.device, 
     }
 
 
-def _resident_mib() -> float:
+def _status_mib(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def _reset_peak_resident() -> bool:
+    """Restart the process's resident high-water mark (Linux: VmHWM), so that the peak reported
+    is that of the timed steps; False where that is not possible (the lifetime peak is used)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def measure_alone(args, impl: str, d_sae: int) -> dict[str, object]:

@@ -119,7 +119,8 @@ _FINGERPRINTED = {
     "sae.mse_loss": lambda: _sl_sae.mse_loss,
 }
 
-# sae-lens 6.54.12 (also checked: every 6.54.x release whose code is unchanged gives these).
+# sae-lens 6.54.12. Checked: 6.54.0 and 6.53.1 give the same (accelerated); 6.48.0 and 6.40.0
+# differ (they predate jumprelu_ste_to_input): there SAELens's own code runs.
 SAELENS_FINGERPRINTS = {
     "jumprelu_sae.rectangle": "cd3faa26a402fa42",
     "jumprelu_sae.Step": "b5453592a4f26016",
@@ -257,7 +258,8 @@ class JumpReLUExtTrainingSAE(JumpReLUTrainingSAE):
             return f"device {x.device.type}: the ops have CPU and CUDA kernels"
         try:
             # The ops compute in fp32 (fp64 for fp64), so this is the range they accept.
-            check_inputs(ARCHITECTURE, x.new_empty((0, 1)), x.new_empty(1), self.bandwidth)
+            pre = torch.empty((0, 1), dtype=self.dtype, device=x.device)
+            check_inputs(ARCHITECTURE, pre, pre.new_empty(1), self.bandwidth)
         except (TypeError, ValueError) as error:
             return f"jumprelu_bandwidth {self.bandwidth!r}: {error}"
         return None
@@ -314,11 +316,7 @@ class JumpReLUExtTrainingSAE(JumpReLUTrainingSAE):
             return f"the batch is {x.dim()}-D (the sparse step takes [batch, d_in])"
         if self.dtype == torch.float64:
             return "dtype float64 (the sparse step's L0 gradient is float32)"
-        hooked = [
-            name
-            for name in ("hook_sae_acts_pre", "hook_sae_acts_post")
-            if getattr(self, name)._forward_hooks or getattr(self, name)._forward_pre_hooks
-        ]
+        hooked = [name for name in ("hook_sae_acts_pre", "hook_sae_acts_post") if _has_hooks(getattr(self, name))]
         if hooked:
             return f"{' and '.join(hooked)} have hooks (the sparse step never forms those tensors)"
         return None
@@ -441,6 +439,13 @@ class JumpReLUExtTrainingSAE(JumpReLUTrainingSAE):
             loss=total,
             losses=losses,
         )
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    return any(
+        getattr(module, hooks, None)
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    )
 
 
 def _active_coo(acts: SparseActs, rows: int, features: int, dtype: torch.dtype) -> torch.Tensor:
