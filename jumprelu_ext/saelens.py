@@ -448,6 +448,7 @@ def _has_hooks(module: torch.nn.Module) -> bool:
     )
 
 
+@torch.compiler.disable  # torch.compile cannot trace sparse_coo_tensor: run it eagerly (compile_sae)
 def _active_coo(acts: SparseActs, rows: int, features: int, dtype: torch.dtype) -> torch.Tensor:
     """The active entries (and NaN ones, which count as firing in the dense acts) as a coalesced
     COO tensor [rows, features]: what SAELens's trainer counts firing statistics from."""

@@ -121,6 +121,37 @@ def test_auto_takes_the_sparse_step_once_sparse_enough():
     assert 0 < sparse_steps < 30  # the first steps are dense (auto measures there)
 
 
+@pytest.mark.parametrize("step", ["dense", "sparse"])
+def test_compile_sae_equals_eager(step):
+    """The runner's compile_sae=True: torch.compile of training_forward_pass (the ops trace; the
+    step policy's Python and the COO output run eagerly between graphs)."""
+    import warnings
+
+    from sae_lens.saes.sae import TrainStepInput
+
+    torch.manual_seed(0)
+    sae = JumpReLUExtTrainingSAE(JumpReLUExtTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, **COMMON, jumprelu_ext_step=step))
+    x = next(synthetic_batches(3))
+    results = []
+    for forward in (sae.training_forward_pass, torch.compile(sae.training_forward_pass)):
+        sae.zero_grad()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = forward(
+                step_input=TrainStepInput(
+                    sae_in=x, coefficients={"l0": 0.5}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False
+                )
+            )
+        assert not [w for w in caught if "does not know how to trace" in str(w.message)]
+        out.loss.backward()
+        results.append((out, {name: p.grad.clone() for name, p in sae.named_parameters()}))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    assert compiled.metrics["jumprelu_ext/sparse_step"] == float(step == "sparse")
+    torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-5, atol=1e-6)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-5, atol=1e-5 * grad.abs().max().item())
+
+
 # --- saving: a stock SAELens JumpReLU SAE ------------------------------------------------------
 
 LOAD_WITHOUT_JUMPRELU_EXT = textwrap.dedent(
