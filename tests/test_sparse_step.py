@@ -5,13 +5,12 @@ the ops; the auto policy."""
 
 import pytest
 import torch
+from conftest import DEVICES, requires_compiled
 
 import jumprelu_ext
 from jumprelu_ext.sae import JumpReLUSAE
 from jumprelu_ext.sparse import ACTIVE, WINDOW, SparseActs, sparse_decode, sparse_encode, support_flags
 from jumprelu_ext.step_policy import DENSE_ABOVE, MEASURE_EVERY, SPARSE_BELOW, StepPolicy
-
-from conftest import DEVICES, requires_compiled
 
 # (atol, rtol) per parameter dtype for losses and gradients: both steps compute the same terms
 # in a different summation order (and the sparse decoder accumulates in fp32 under autocast).
@@ -253,7 +252,9 @@ def test_opcheck():
     torch.library.opcheck(ops.sparse_encode.default, (x, W, b, theta, 0.4, True, 3), test_utils=encode_utils)
     fire_counts = torch.zeros(40, dtype=torch.int64)
     torch.library.opcheck(
-        ops.sparse_encode.counted, (x, W, b, theta, 0.4, False, 0, fire_counts), test_utils=("test_schema", "test_faketensor")
+        ops.sparse_encode.counted,
+        (x, W, b, theta, 0.4, False, 0, fire_counts),
+        test_utils=("test_schema", "test_faketensor"),
     )
     acts = sparse_encode(x, W.detach(), b.detach(), theta.detach(), 0.4)
     values = acts.values.clone().requires_grad_()

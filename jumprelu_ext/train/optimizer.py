@@ -10,7 +10,6 @@ from . import distributed
 from .schedules import lr_factor
 from .sharding import FEATURE_DIM
 
-
 FUSED_ADAM_DEVICES = ("cpu", "cuda")
 
 
