@@ -25,6 +25,7 @@ constexpr uint8_t kWindow = 2;  // K((pre−θ)/ε) = 1: the entry feeds the θ 
 struct SelectArgs {
   at::Tensor pre;        // [rows, features], contiguous; float32/64, float16, bfloat16
   at::Tensor threshold;  // [features], contiguous; pre's dtype or float32
+  at::Tensor bias;       // [features] in pre's dtype, added to pre in acc_t; or undefined
   double bandwidth = 0;  // ε > 0, finite (checked by the wrapper)
   at::Tensor
       fire_counts;  // [features] int64 or undefined: gains each feature's rows with value != 0
@@ -100,7 +101,11 @@ void sddmm_cuda(const SddmmArgs& args);
 void feature_sums_cuda(const FeatureSumsArgs& args);
 
 // A backend's four kernels, as the wrappers' template argument (register_sparse_ops<...>).
+// select_adds_bias: the encoder's product is formed without b_enc and select adds it (on the CPU
+// that saves writing the bias into every chunk before the product and reading it back in it);
+// on the GPU the product's epilogue adds it.
 struct CpuSparseKernels {
+  static constexpr bool select_adds_bias = true;
   static constexpr auto feature_order = &feature_order_cpu;
   static constexpr auto select = &select_support_cpu;
   static constexpr auto spmm = &spmm_cpu;
@@ -109,6 +114,7 @@ struct CpuSparseKernels {
 };
 
 struct CudaSparseKernels {
+  static constexpr bool select_adds_bias = false;
   static constexpr auto feature_order = &feature_order_sorted;
   static constexpr auto select = &select_support_cuda;
   static constexpr auto spmm = &spmm_cuda;

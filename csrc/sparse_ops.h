@@ -108,7 +108,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_en
     const int64_t n = std::min(chunk_rows, rows - start);
     if (!buffer.defined()) buffer = at::empty({n, features}, x.options());
     at::Tensor pre = buffer.narrow(0, 0, n);
-    at::addmm_out(pre, b_enc, xc.narrow(0, start, n), wc);
+    if constexpr (K::select_adds_bias) {
+      at::mm_out(pre, xc.narrow(0, start, n), wc);
+      select.bias = b_enc.contiguous();
+    } else {
+      at::addmm_out(pre, b_enc, xc.narrow(0, start, n), wc);
+    }
     select.pre = pre;
     Support s = K::select(select);
     counts.push_back(s.row_counts);

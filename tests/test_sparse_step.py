@@ -154,8 +154,10 @@ def test_bandwidth_edges(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_autocast(device):
-    """bf16 under autocast: both steps run the encoder product in bf16; the sparse decoder
-    accumulates in fp32, the dense one in bf16, so they agree to bf16's precision."""
+    """bf16 under autocast: both steps run the encoder product in bf16, but the sparse step adds
+    b_enc in fp32 on the CPU (as SAELens does) and accumulates its decoder in fp32, where the
+    dense one rounds pre and x̂ to bf16. Entries near θ's window edges then fall differently,
+    so they agree to bf16's precision: losses to 1%, every gradient to 10% in norm."""
     sae = make_sae(32, 256, device)
     x = torch.randn(64, 32, generator=torch.Generator().manual_seed(5)).to(device)
     results = {}
@@ -164,11 +166,10 @@ def test_bf16_autocast(device):
             results[path] = step_results(sae, x, path, sparsity_loss="tanh")
     (dv, dg, _), (sv, sg, _) = results["dense"], results["sparse"]
     for key in dv:
-        torch.testing.assert_close(sv[key], dv[key], atol=0.05, rtol=0.03, msg=key)
+        torch.testing.assert_close(sv[key], dv[key], atol=0.05, rtol=0.01, msg=key)
     for name in dg:
-        scale = dg[name].abs().max().item()
-        torch.testing.assert_close(sg[name], dg[name], atol=0.03 * scale + 1e-3, rtol=0.05, msg=name)
-        assert sg[name].dtype == dg[name].dtype
+        assert sg[name].dtype == dg[name].dtype, name
+        assert (sg[name] - dg[name]).norm() <= 0.1 * dg[name].norm(), name
 
 
 def test_pre_activation_loss_needs_the_dense_step():

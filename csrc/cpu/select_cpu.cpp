@@ -3,8 +3,8 @@
 // row-compressed, with the per-row L0 count and, when asked, the per-feature fire counts.
 //
 // Almost every element is outside the support (tens to hundreds of 65536 per row), so a
-// vectorised pass marks each row's candidates (a superset test) in a byte mask, stretches of the
-// mask without a candidate are skipped a vector at a time, and only candidates get the exact test.
+// vectorised superset test skips stretches of 64 elements without a candidate, and only the
+// stretches with one get the exact test. pre arrives without b_enc on the CPU (SelectArgs::bias).
 // The exact test and the value are those of the dense kernels: H and the value x·H as in
 // forward_cpu.cpp, the window as in backward_cpu.cpp.
 //
@@ -29,20 +29,24 @@
 namespace jumprelu_ext {
 namespace {
 
-// The fast path's mask, one byte per element of a row: 1 if the element may be in the support.
-// A superset of the exact test: x > θ gives d = x − θ > 0 ≥ lo; the window is lo ≤ d ≤ hi; a NaN
-// value x·H needs x NaN (then d is NaN), x = ±inf with θ = ±inf or NaN (d NaN), or x = −inf
-// (tested on its own). Only comparisons and one correctly rounded subtraction, so vectorising it
-// changes nothing.
+// The fast path: whether any of kSkip elements may be in the support, one vectorisable pass with
+// no stores. A superset of the exact test: x > θ gives d = x − θ > 0 ≥ lo; the window is
+// lo ≤ d ≤ hi; a NaN value x·H needs x NaN (then d is NaN), x = ±inf with θ = ±inf or NaN (d NaN),
+// or x = −inf (tested on its own). Only comparisons and correctly rounded additions, so
+// vectorising it changes nothing.
+constexpr int64_t kSkip = 64;
+
 template <typename scalar_t, typename acc_t>
-void candidate_mask(const scalar_t* __restrict pre, const acc_t* __restrict theta, acc_t lo,
-                    uint8_t* __restrict mask, int64_t features) {
+bool any_candidate(const scalar_t* __restrict pre, const acc_t* __restrict bias,
+                   const acc_t* __restrict theta, acc_t lo) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t j = 0; j < features; ++j) {
-    const acc_t x = static_cast<acc_t>(pre[j]);
-    const acc_t d = x - theta[j];
-    mask[j] = (!(d < lo) | (x == kNegInf)) ? 1 : 0;
+  uint8_t any = 0;
+  for (int64_t k = 0; k < kSkip; ++k) {
+    const acc_t x = static_cast<acc_t>(pre[k]) + bias[k];
+    const acc_t d = x - theta[k];
+    any |= (!(d < lo) | (x == kNegInf)) ? 1 : 0;
   }
+  return any != 0;
 }
 
 // One block's entries, in row order.
@@ -55,9 +59,9 @@ struct Entries {
 
 // The exact test of element j: appends it when in the support, returns whether it is active.
 template <typename scalar_t, typename acc_t>
-inline bool select_one(const scalar_t* pre, const acc_t* theta, Window<acc_t> w, int64_t j,
-                       Entries<acc_t>& out) {
-  const acc_t x = static_cast<acc_t>(pre[j]);
+inline bool select_one(const scalar_t* pre, const acc_t* bias, const acc_t* theta, Window<acc_t> w,
+                       int64_t j, Entries<acc_t>& out) {
+  const acc_t x = static_cast<acc_t>(pre[j]) + bias[j];
   const acc_t d = x - theta[j];
   const bool active = x > theta[j];
   const bool window = (d >= w.lo) & (d <= w.hi);
@@ -71,35 +75,19 @@ inline bool select_one(const scalar_t* pre, const acc_t* theta, Window<acc_t> w,
   return active;
 }
 
-// Whether any of the kSkip mask bytes at mask is set (a vectorisable OR).
-constexpr int64_t kSkip = 64;
-
-inline bool any_set(const uint8_t* __restrict mask) {
-  uint8_t any = 0;
-  for (int64_t k = 0; k < kSkip; ++k) any |= mask[k];
-  return any != 0;
-}
-
-// One row: appends its entries, returns its active count. The mask is read kSkip bytes, then 8
-// bytes at a time; only the candidates in non-zero stretches reach the exact test.
+// One row: appends its entries, returns its active count. Only stretches of kSkip elements with
+// a candidate (and the row's last, shorter stretch) reach the exact test.
 template <typename scalar_t, typename acc_t>
-int64_t select_row(const scalar_t* pre, const acc_t* theta, Window<acc_t> w, int64_t features,
-                   uint8_t* mask, Entries<acc_t>& out) {
-  candidate_mask<scalar_t, acc_t>(pre, theta, w.lo, mask, features);
+int64_t select_row(const scalar_t* pre, const acc_t* bias, const acc_t* theta, Window<acc_t> w,
+                   int64_t features, Entries<acc_t>& out) {
   int64_t active_count = 0;
   for (int64_t j = 0; j < features; j += kSkip) {
     const int64_t end = std::min(features, j + kSkip);
-    if (end - j == kSkip && !any_set(mask + j)) continue;
-    for (int64_t word = j; word < end; word += 8) {
-      const int64_t word_end = std::min(end, word + 8);
-      if (word_end - word == 8) {
-        uint64_t bits;
-        std::memcpy(&bits, mask + word, sizeof(bits));
-        if (bits == 0) continue;
-      }
-      for (int64_t k = word; k < word_end; ++k) {
-        if (mask[k]) active_count += select_one<scalar_t, acc_t>(pre, theta, w, k, out) ? 1 : 0;
-      }
+    if (end - j == kSkip && !any_candidate<scalar_t, acc_t>(pre + j, bias + j, theta + j, w.lo)) {
+      continue;
+    }
+    for (int64_t k = j; k < end; ++k) {
+      active_count += select_one<scalar_t, acc_t>(pre, bias, theta, w, k, out) ? 1 : 0;
     }
   }
   return active_count;
@@ -116,6 +104,9 @@ Support select_kernel(const SelectArgs& a) {
   int64_t* row_counts = s.row_counts.mutable_data_ptr<int64_t>();
   float* l0 = s.l0.mutable_data_ptr<float>();
   const std::vector<acc_t> theta = threshold_as_acc<acc_t, theta_t>(a.threshold);
+  // pre + bias in acc_t (the product came without it: one pass over the chunk fewer).
+  const std::vector<acc_t> bias = a.bias.defined() ? threshold_as_acc<acc_t, scalar_t>(a.bias)
+                                                   : std::vector<acc_t>(features, acc_t(0));
   const Window<acc_t> window = window_for(static_cast<acc_t>(a.bandwidth));
 
   // Pass 1: each fixed block of rows collects its entries.
@@ -123,14 +114,13 @@ Support select_kernel(const SelectArgs& a) {
   const int64_t blocks = (rows + block_rows - 1) / block_rows;
   std::vector<Entries<acc_t>> entries(blocks);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> mask(features);
     for (int64_t b = begin; b < end; ++b) {
       Entries<acc_t>& e = entries[b];
       const int64_t row_end = std::min(rows, (b + 1) * block_rows);
       for (int64_t r = b * block_rows; r < row_end; ++r) {
         const size_t before = e.indices.size();
-        const int64_t active = select_row<scalar_t, acc_t>(pre + r * features, theta.data(), window,
-                                                           features, mask.data(), e);
+        const int64_t active = select_row<scalar_t, acc_t>(pre + r * features, bias.data(),
+                                                           theta.data(), window, features, e);
         row_counts[r] = static_cast<int64_t>(e.indices.size() - before);
         l0[r] = static_cast<float>(active);
       }
