@@ -320,12 +320,20 @@ def test_tensorboard_gets_the_logged_rows(activations, tmp_path):
 
 
 def test_a_missing_logging_package_is_reported_before_any_work(activations, tmp_path):
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("wandb is installed here")
-    result = run_cli("--activations", str(activations), "--out", str(tmp_path / "o"), "--wandb", "project")
+    # wandb may be installed (sae-lens brings it): a wandb.py first on the path that fails to
+    # import stands for its absence.
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "wandb.py").write_text("raise ImportError('No module named wandb (blocked by the test)')\n")
+    path = os.pathsep.join(p for p in (str(blocker), os.environ.get("PYTHONPATH")) if p)
+    result = run_cli(
+        "--activations",
+        str(activations),
+        "--out",
+        str(tmp_path / "o"),
+        "--wandb",
+        "project",
+        env_extra={"PYTHONPATH": path},
+    )
     assert_one_line_error(result, "--wandb", "pip install wandb")
     assert "training on" not in result.stdout  # nothing was loaded or trained first
