@@ -16,7 +16,7 @@ options, losses and gradients; docs/saelens.md) with its training step replaced:
   pass, and its backward both θ terms in one pass, where SAELens runs ``JumpReLU.apply`` and a
   separate ``Step.apply`` (each with a rectangle-kernel backward of several [batch, F] passes);
 - **sparse step** (``jumprelu_ext_step``: "auto", the default, takes it once the support is below
-  5% of [batch, F]; docs/ops.md#the-sparse-step): ``sparse_encode`` / ``sparse_decode``, after
+  1.5% of [batch, F]; docs/ops.md#the-sparse-step): ``sparse_encode`` / ``sparse_decode``, after
   which the work follows the active features, not the dictionary's width. The trainer gets the
   activations as a COO tensor of the active entries (SAELens's own sparse form, as its TopK SAE),
   so its firing statistics cost O(active entries) too.
@@ -217,7 +217,7 @@ class JumpReLUExtTrainingSAEConfig(JumpReLUTrainingSAEConfig):
     """SAELens's ``JumpReLUTrainingSAEConfig``, every field with its meaning, plus:
 
     jumprelu_ext_step: "auto" (default): the dense fused step until the support (active or in θ's
-        window) is below 5% of [batch, F], then the sparse step (back to dense above 10%);
+        window) is below 1.5% of [batch, F], then the sparse step (back to dense above 2.5%);
         "sparse" / "dense": always that step (docs/ops.md#when-the-sparse-step-pays).
     """
 

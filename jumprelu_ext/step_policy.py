@@ -7,10 +7,11 @@ from __future__ import annotations
 
 STEPS = ("auto", "sparse", "dense")
 
-# Break-even support density on the CPU is measured at about 20%, so auto switches to the sparse
-# step below 5% and back above 10%: a margin, and no flapping (docs/ops.md#when-the-sparse-step-pays).
-SPARSE_BELOW = 0.05
-DENSE_ABOVE = 0.10
+# The sparse step breaks even with the dense one at a support density of about 3% (measured on the
+# CPU, docs/ops.md#when-the-sparse-step-pays), so auto switches to it below 1.5% and back above
+# 2.5%: a margin on the slow side, and no flapping.
+SPARSE_BELOW = 0.015
+DENSE_ABOVE = 0.025
 # In the dense step the support is not formed: auto counts it every this many steps.
 MEASURE_EVERY = 10
 

@@ -204,7 +204,7 @@ def test_auto_in_the_module_moves_to_sparse_when_the_support_is_small():
     sae = make_sae(16, 400, "cpu")
     x = torch.randn(32, 16)
     with torch.no_grad():
-        sae.b_enc[:] = -3.0  # almost nothing fires or sits near θ
+        sae.b_enc[:] = -10.0  # nothing fires or sits near θ
     first = sae.loss(x, 0.1)
     assert first.step == "dense" and first.support_density < SPARSE_BELOW
     assert sae.loss(x, 0.1).step == "sparse"

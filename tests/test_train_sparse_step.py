@@ -49,10 +49,11 @@ def test_sparse_and_dense_steps_train_the_same_sae(activations, tmp_path, extra)
 
 
 def test_auto_moves_to_the_sparse_step_and_resumes_exactly(activations, tmp_path):
-    """A 1,024-wide SAE starts dense, falls below the density threshold as λ bites, then takes
+    """A 2,048-wide SAE starts dense, falls below the density threshold as λ bites, then takes
     the sparse step; a run stopped after the switch and resumed ends bitwise where an uninterrupted
     one does (the step policy is in the checkpoint)."""
-    wide = ["--d-sae", "1024", "--checkpoint-every", "33", "--lr-decay", "none"]  # the same lr in both runs
+    wide = ["--d-sae", "2048", "--bandwidth", "0.01", "--checkpoint-every", "33"]
+    wide += ["--lr-decay", "none"]  # the same lr in both runs
     whole, rows = run(activations, tmp_path / "whole", *wide)
     kinds = [r["step_kind"] for r in rows]
     assert kinds[0] == "dense" and kinds[-1] == "sparse", kinds
