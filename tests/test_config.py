@@ -379,8 +379,13 @@ def test_the_config_file_counts_as_a_data_source_and_a_recipe(tmp_path):
 
 
 def test_flags_are_never_abbreviated(capsys):
-    """--step (a flag to come) must not be read as --steps, nor any prefix as a flag."""
-    for argv in (["--step", "10"], ["--bandwidth", "0.1", "--lr-warm", "5"], ["--mod", "gpt2"]):
+    """No prefix is read as a flag; in particular --step (the sparse or dense step) is not --steps."""
+    for argv in (["--bandwidth", "0.1", "--lr-warm", "5"], ["--mod", "gpt2"], ["--steps", "7", "--ste", "x"]):
         with pytest.raises(SystemExit):
             parse_args([*ACTS, *argv])
         assert "unrecognized arguments" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args([*ACTS, "--step", "10"])
+    assert "argument --step: invalid choice: '10'" in capsys.readouterr().err
+    cfg = parse_args([*ACTS, "--step", "sparse", "--steps", "7"])
+    assert (cfg.step, cfg.steps) == ("sparse", 7)
