@@ -8,8 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import jumprelu_l0
-from .reference import window
-from .sparse import SparseActs, sparse_decode, sparse_encode
+from .sparse import SparseActs, sparse_decode, sparse_encode, support_density
 from .step_policy import StepPolicy
 
 SPARSITY_LOSSES = ("step", "tanh")
@@ -154,14 +153,17 @@ class JumpReLUSAE(nn.Module):
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W_enc + b_enc (or (x − b_dec) @ W_enc + b_enc), after checking the input's width."""
-        if x.dim() < 1 or x.shape[-1] != self.d_in:
-            got = x.shape[-1] if x.dim() >= 1 else "a 0-d tensor"
-            raise ValueError(f"JumpReLUSAE: expected input with last dimension d_in={self.d_in}, got {got}")
+        self._check_width(x)
         if self.apply_b_dec_to_input:
             x = x - self.encoder_b_dec()
         # F.linear (not `x @ W + b`) so autocast runs the whole affine map in its low-precision
         # dtype; an fp32 bias added afterwards would promote pre back to fp32.
         return F.linear(x, self.W_enc.t(), self.b_enc)
+
+    def _check_width(self, x: torch.Tensor) -> None:
+        if x.dim() < 1 or x.shape[-1] != self.d_in:
+            got = x.shape[-1] if x.dim() >= 1 else "a 0-d tensor"
+            raise ValueError(f"JumpReLUSAE: expected input with last dimension d_in={self.d_in}, got {got}")
 
     def encoder_b_dec(self) -> torch.Tensor:
         """b_dec as the encoder sees it (a feature-sharded SAE sums its gradient over ranks)."""
@@ -223,7 +225,7 @@ class JumpReLUSAE(nn.Module):
             pre = self.pre_acts(x)
             acts, l0 = self.activate(pre, fire_counts)
             out = SAEOutput(self.decode(acts), acts, l0)
-            density = self._support_density(pre) if policy.wants_density(path) else None
+            density = support_density(pre, self.threshold, self.bandwidth) if policy.wants_density(path) else None
         policy.observe(path, density)
 
         mse = mean((x.float() - out.reconstruction.float()).pow(2).sum(-1))
@@ -246,8 +248,7 @@ class JumpReLUSAE(nn.Module):
     def _sparse_forward(self, x: torch.Tensor, fire_counts) -> tuple[SAEOutput, float]:
         """The sparse step's forward (docs/ops.md#the-sparse-step): the support of the activations
         row-compressed, the reconstruction from it, and the support's density."""
-        if x.dim() < 1 or x.shape[-1] != self.d_in:
-            self.pre_acts(x)  # raises the dense path's error
+        self._check_width(x)
         rows = x.reshape(-1, self.d_in)
         if self.apply_b_dec_to_input:
             rows = rows - self.encoder_b_dec()
@@ -260,15 +261,7 @@ class JumpReLUSAE(nn.Module):
         # step's order, so ranks on different steps still meet in the same collectives.
         l0 = self.sum_over_features(acts.l0).view(x.shape[:-1])
         reconstruction = self.decode_sparse(acts).view(*x.shape[:-1], self.d_in)
-        density = acts.indices.shape[0] / max(acts.rows * self.d_sae, 1)
-        return SAEOutput(reconstruction, acts, l0), density
-
-    @torch.no_grad()
-    def _support_density(self, pre: torch.Tensor) -> float:
-        """The active-or-window fraction of a dense step's pre (what the sparse step would keep)."""
-        threshold = self.threshold
-        in_support = (pre.float() > threshold) | window(pre, threshold, self.bandwidth)
-        return in_support.float().mean().item()
+        return SAEOutput(reconstruction, acts, l0), acts.density(self.d_sae)
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self):

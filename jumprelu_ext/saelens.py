@@ -64,8 +64,7 @@ from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
 
 from ._checks import check_inputs
 from .ops import jumprelu, jumprelu_l0, step
-from .reference import window
-from .sparse import ACTIVE, SparseActs, sparse_decode, sparse_encode
+from .sparse import ACTIVE, SparseActs, sparse_decode, sparse_encode, support_density
 from .step_policy import STEPS, StepPolicy
 
 __all__ = [
@@ -350,12 +349,7 @@ class JumpReLUExtTrainingSAE(JumpReLUTrainingSAE):
             )
 
         out = self._output(step_input, sae_out, feature_acts, hidden_pre, l0, per_item_tanh, pre_act_loss)
-        density = None
-        if measure:
-            with torch.no_grad():
-                pre, theta = hidden_pre.detach(), threshold.detach()
-                in_support = (pre > theta) | window(pre, theta, self.bandwidth)
-                density = in_support.float().mean().item()
+        density = support_density(hidden_pre, threshold, self.bandwidth) if measure else None
         return out, density
 
     # The sparse step: the encoder's product, then work over the support only.
@@ -404,7 +398,7 @@ class JumpReLUExtTrainingSAE(JumpReLUTrainingSAE):
         feature_acts = _active_coo(acts, rows, features, pre_dtype)
         hidden_pre = sae_in.new_empty((0, features), dtype=pre_dtype)  # never formed (docs/saelens.md)
         out = self._output(step_input, sae_out, feature_acts, hidden_pre, l0, per_item_tanh, pre_act_loss)
-        return out, acts.indices.shape[0] / max(rows * features, 1)
+        return out, acts.density(features)
 
     def _output(self, step_input, sae_out, feature_acts, hidden_pre, l0, per_item_tanh, pre_act_loss):
         """The losses as SAELens's training_forward_pass and calculate_aux_loss form them, in

@@ -48,6 +48,10 @@ class SparseActs(NamedTuple):
         """Σ over each row's entries of a per-entry quantity: [rows]."""
         return per_entry.new_zeros(self.rows).index_add(0, self.entry_rows(), per_entry)
 
+    def density(self, features: int) -> float:
+        """The support's share of [rows, features]: what the step policy decides on."""
+        return self.indices.shape[0] / max(self.rows * features, 1)
+
     def to_dense(self, features: int) -> torch.Tensor:
         """The [rows, features] activations (for inspection and tests)."""
         dense = self.values.new_zeros(self.rows, features)
@@ -117,6 +121,12 @@ def support_flags(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) 
     pre, threshold = pre.detach(), threshold.detach()
     active = pre.to(compute_dtype(pre)) > threshold.to(compute_dtype(pre))
     return active.to(torch.uint8) * ACTIVE + reference.window(pre, threshold, bandwidth).to(torch.uint8) * WINDOW
+
+
+@torch.no_grad()
+def support_density(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> float:
+    """The active-or-window share of a dense pre: what the sparse step would keep of it."""
+    return (support_flags(pre, threshold, bandwidth) != 0).float().mean().item()
 
 
 def _reference_encode(x, W_enc, b_enc, threshold, bandwidth, ste_to_input, fire_counts) -> SparseActs:
