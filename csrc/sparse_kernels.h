@@ -57,22 +57,6 @@ struct SddmmArgs {
   at::Tensor out;      // [nnz], left's dtype: written
 };
 
-// Per feature f, over its entries in `order` (by feature, then by row: a fixed order, so the
-// sums are bitwise reproducible whatever the thread count):
-//   out[f]  = Σ values[e] · rows[entry_rows[e]]   (∂W_dec, ∂W_encᵀ)
-//   sums[f] = Σ values[e]                         (∂b_enc, the θ gradient's terms)
-// Features without entries get zeros. Either output may be undefined: not wanted.
-struct FeatureSumsArgs {
-  at::Tensor
-      feature_offsets;    // [features+1] int64: feature f's entries are order[fo[f] … fo[f+1]−1]
-  at::Tensor order;       // [nnz] int64: entry ids sorted by (feature, row)
-  at::Tensor entry_rows;  // [nnz] int64: each entry's row
-  at::Tensor values;      // [nnz] compute dtype
-  at::Tensor rows;        // [rows, d] contiguous, values' dtype; needed for `out`
-  at::Tensor out;         // [features, d] contiguous, values' dtype, or undefined
-  at::Tensor sums;        // [features], values' dtype, or undefined
-};
-
 // Entries sorted by feature, stably (so by row within a feature), and each entry's row: the
 // order feature_sums reads in.
 struct FeatureOrder {
@@ -80,6 +64,19 @@ struct FeatureOrder {
       feature_offsets;    // [features+1] int64: feature f's entries are order[fo[f] … fo[f+1]−1]
   at::Tensor order;       // [nnz] int64
   at::Tensor entry_rows;  // [nnz] int64
+};
+
+// Per feature f, over its entries in by_feature.order (by feature, then by row: a fixed order, so
+// the sums are bitwise reproducible whatever the thread count):
+//   out[f]  = Σ values[e] · rows[entry_rows[e]]   (∂W_dec, ∂W_encᵀ)
+//   sums[f] = Σ values[e]                         (∂b_enc, the θ gradient's terms)
+// Features without entries get zeros. Either output may be undefined: not wanted.
+struct FeatureSumsArgs {
+  FeatureOrder by_feature;  // the entries' order and rows
+  at::Tensor values;        // [nnz] compute dtype
+  at::Tensor rows;          // [rows, d] contiguous, values' dtype; needed for `out`
+  at::Tensor out;           // [features, d] contiguous, values' dtype, or undefined
+  at::Tensor sums;          // [features], values' dtype, or undefined
 };
 
 // A stable counting sort: linear in nnz + features (a comparison sort of 0.5M entries took

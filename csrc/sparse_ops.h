@@ -53,9 +53,7 @@ template <typename K>
 at::Tensor feature_sums_out(const FeatureOrder& f, const at::Tensor& values, const at::Tensor& rows,
                             bool want_out, bool want_sums, int64_t features, at::Tensor* sums_out) {
   FeatureSumsArgs a;
-  a.feature_offsets = f.feature_offsets;
-  a.order = f.order;
-  a.entry_rows = f.entry_rows;
+  a.by_feature = f;
   a.values = values.contiguous();
   if (want_out) {
     a.rows = rows.contiguous();

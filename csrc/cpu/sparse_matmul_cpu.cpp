@@ -113,12 +113,12 @@ template <typename T>
 void feature_sums_kernel(const FeatureSumsArgs& a) {
   const bool want_out = a.out.defined(), want_sums = a.sums.defined();
   if (!want_out && !want_sums) return;
-  const int64_t features = a.feature_offsets.size(0) - 1;
+  const int64_t features = a.by_feature.feature_offsets.size(0) - 1;
   const int64_t d = want_out ? a.out.size(1) : 0;
-  const int64_t nnz = a.order.size(0);
-  const int64_t* fo = a.feature_offsets.const_data_ptr<int64_t>();
-  const int64_t* order = a.order.const_data_ptr<int64_t>();
-  const int64_t* entry_rows = a.entry_rows.const_data_ptr<int64_t>();
+  const int64_t nnz = a.by_feature.order.size(0);
+  const int64_t* fo = a.by_feature.feature_offsets.const_data_ptr<int64_t>();
+  const int64_t* order = a.by_feature.order.const_data_ptr<int64_t>();
+  const int64_t* entry_rows = a.by_feature.entry_rows.const_data_ptr<int64_t>();
   const T* values = a.values.const_data_ptr<T>();
   const T* rows = want_out ? a.rows.const_data_ptr<T>() : nullptr;
   T* out = want_out ? a.out.mutable_data_ptr<T>() : nullptr;

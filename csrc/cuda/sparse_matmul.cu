@@ -254,19 +254,20 @@ void feature_sums_cuda(const FeatureSumsArgs& args) {
   const at::ScalarType dtype = args.values.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op,
               " (CUDA): values must be float32 or float64, got ", dtype);
-  check_compute(op, args.feature_offsets, "feature_offsets", at::kLong);
-  check_compute(op, args.order, "order", at::kLong);
+  check_compute(op, args.by_feature.feature_offsets, "feature_offsets", at::kLong);
+  check_compute(op, args.by_feature.order, "order", at::kLong);
   check_compute(op, args.values, "values", dtype);
-  const int64_t features = args.feature_offsets.size(0) - 1, nnz = args.values.size(0);
-  TORCH_CHECK(args.order.dim() == 1 && args.order.size(0) == nnz, op,
-              " (CUDA): order must be [nnz = ", nnz, "], got ", args.order.sizes());
+  const int64_t features = args.by_feature.feature_offsets.size(0) - 1, nnz = args.values.size(0);
+  TORCH_CHECK(args.by_feature.order.dim() == 1 && args.by_feature.order.size(0) == nnz, op,
+              " (CUDA): order must be [nnz = ", nnz, "], got ", args.by_feature.order.sizes());
   const bool want_out = args.out.defined(), want_sums = args.sums.defined();
   if (want_out) {
-    check_compute(op, args.entry_rows, "entry_rows", at::kLong);
+    check_compute(op, args.by_feature.entry_rows, "entry_rows", at::kLong);
     check_compute(op, args.rows, "rows", dtype);
     check_compute(op, args.out, "out", dtype);
-    TORCH_CHECK(args.entry_rows.dim() == 1 && args.entry_rows.size(0) == nnz, op,
-                " (CUDA): entry_rows must be [nnz = ", nnz, "], got ", args.entry_rows.sizes());
+    TORCH_CHECK(args.by_feature.entry_rows.dim() == 1 && args.by_feature.entry_rows.size(0) == nnz,
+                op, " (CUDA): entry_rows must be [nnz = ", nnz, "], got ",
+                args.by_feature.entry_rows.sizes());
     TORCH_CHECK(args.rows.dim() == 2 && args.out.dim() == 2 && args.out.size(0) == features &&
                     args.out.size(1) == args.rows.size(1),
                 op, " (CUDA): out must be [features = ", features, ", d = rows.size(1)], got ",
@@ -285,15 +286,17 @@ void feature_sums_cuda(const FeatureSumsArgs& args) {
     scalar_t* sums = want_sums ? args.sums.mutable_data_ptr<scalar_t>() : nullptr;
     if (want_out && d > 0) {  // the sums ride along with the d-vectors
       feature_rows_kernel<scalar_t><<<grid_for(features), gather_threads(d), 0, stream>>>(
-          args.feature_offsets.const_data_ptr<int64_t>(), args.order.const_data_ptr<int64_t>(),
-          args.entry_rows.const_data_ptr<int64_t>(), args.values.const_data_ptr<scalar_t>(),
-          args.rows.const_data_ptr<scalar_t>(), args.out.mutable_data_ptr<scalar_t>(), sums,
-          features, args.rows.size(0), nnz, d);
+          args.by_feature.feature_offsets.const_data_ptr<int64_t>(),
+          args.by_feature.order.const_data_ptr<int64_t>(),
+          args.by_feature.entry_rows.const_data_ptr<int64_t>(),
+          args.values.const_data_ptr<scalar_t>(), args.rows.const_data_ptr<scalar_t>(),
+          args.out.mutable_data_ptr<scalar_t>(), sums, features, args.rows.size(0), nnz, d);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else if (want_sums) {
       feature_value_sums_kernel<scalar_t>
           <<<static_cast<unsigned>(ceil_div(features, kThreads)), kThreads, 0, stream>>>(
-              args.feature_offsets.const_data_ptr<int64_t>(), args.order.const_data_ptr<int64_t>(),
+              args.by_feature.feature_offsets.const_data_ptr<int64_t>(),
+              args.by_feature.order.const_data_ptr<int64_t>(),
               args.values.const_data_ptr<scalar_t>(), sums, features, nnz);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
