@@ -68,15 +68,18 @@ struct FeatureOrder {
 
 // Per feature f, over its entries in by_feature.order (by feature, then by row: a fixed order, so
 // the sums are bitwise reproducible whatever the thread count):
-//   out[f]  = Σ values[e] · rows[entry_rows[e]]   (∂W_dec, ∂W_encᵀ)
+//   out[f]  = Σ values[e] · rows[entry_rows[e]]   (∂W_dec; ∂W_enc with `transposed`)
 //   sums[f] = Σ values[e]                         (∂b_enc, the θ gradient's terms)
-// Features without entries get zeros. Either output may be undefined: not wanted.
+// Features without entries get zeros. Either output may be undefined: not wanted. With
+// `transposed`, out is [d, features] and out[:, f] gets feature f's sum: ∂W_enc in W_enc's own
+// layout, so the step does not transpose a [features, d] result (a copy of all of W_enc).
 struct FeatureSumsArgs {
   FeatureOrder by_feature;  // the entries' order and rows
   at::Tensor values;        // [nnz] compute dtype
   at::Tensor rows;          // [rows, d] contiguous, values' dtype; needed for `out`
-  at::Tensor out;           // [features, d] contiguous, values' dtype, or undefined
+  at::Tensor out;           // [features, d] ([d, features] if transposed) contiguous, or undefined
   at::Tensor sums;          // [features], values' dtype, or undefined
+  bool transposed = false;
 };
 
 // A stable counting sort: linear in nnz + features (a comparison sort of 0.5M entries took

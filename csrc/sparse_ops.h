@@ -49,15 +49,19 @@ inline void check_csr(const char* op, const at::Tensor& offsets, const at::Tenso
   }
 }
 
+// feature_sums with its outputs allocated; `transposed`: out as [d, features].
 template <typename K>
 at::Tensor feature_sums_out(const FeatureOrder& f, const at::Tensor& values, const at::Tensor& rows,
-                            bool want_out, bool want_sums, int64_t features, at::Tensor* sums_out) {
+                            bool want_out, bool want_sums, int64_t features, at::Tensor* sums_out,
+                            bool transposed = false) {
   FeatureSumsArgs a;
   a.by_feature = f;
   a.values = values.contiguous();
+  a.transposed = transposed;
   if (want_out) {
     a.rows = rows.contiguous();
-    a.out = at::empty({features, rows.size(1)}, values.options());
+    a.out = transposed ? at::empty({rows.size(1), features}, values.options())
+                       : at::empty({features, rows.size(1)}, values.options());
   }
   if (want_sums) a.sums = at::empty({features}, values.options());
   K::feature_sums(a);
@@ -195,9 +199,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_encode_backwar
   }
   if (needs_W_enc || needs_b_enc) {
     at::Tensor sums;
-    at::Tensor w =
-        feature_sums_out<K>(f, grad_pre, x.to(acc), needs_W_enc, needs_b_enc, features, &sums);
-    if (needs_W_enc) grad_W_enc = w.t().contiguous().to(W_enc.scalar_type());
+    at::Tensor w = feature_sums_out<K>(f, grad_pre, x.to(acc), needs_W_enc, needs_b_enc, features,
+                                       &sums, /*transposed=*/true);
+    if (needs_W_enc) grad_W_enc = w.to(W_enc.scalar_type());
     if (needs_b_enc) grad_b_enc = sums.to(x.scalar_type());
   }
   if (needs_x) {

@@ -37,8 +37,9 @@ namespace {
 constexpr int64_t kSkip = 64;
 
 template <typename scalar_t, typename acc_t>
-bool any_candidate(const scalar_t* __restrict pre, const acc_t* __restrict bias,
-                   const acc_t* __restrict theta, acc_t lo) {
+__attribute__((always_inline)) inline bool any_candidate(const scalar_t* __restrict pre,
+                                                         const acc_t* __restrict bias,
+                                                         const acc_t* __restrict theta, acc_t lo) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   uint8_t any = 0;
   for (int64_t k = 0; k < kSkip; ++k) {
@@ -75,20 +76,38 @@ inline bool select_one(const scalar_t* pre, const acc_t* bias, const acc_t* thet
   return active;
 }
 
+// The numbers of a row's full stretches that may hold a support entry, ascending, into `found`;
+// returns how many. The scan over all of pre: the loop that gets the AVX-512 clone.
+template <typename scalar_t, typename acc_t>
+JUMPRELU_SIMD_CLONES int64_t candidate_stretches(const scalar_t* __restrict pre,
+                                                 const acc_t* __restrict bias,
+                                                 const acc_t* __restrict theta, acc_t lo,
+                                                 int64_t stretches, int64_t* __restrict found) {
+  int64_t n = 0;
+  for (int64_t s = 0; s < stretches; ++s) {
+    const int64_t j = s * kSkip;
+    if (any_candidate<scalar_t, acc_t>(pre + j, bias + j, theta + j, lo)) found[n++] = s;
+  }
+  return n;
+}
+
 // One row: appends its entries, returns its active count. Only stretches of kSkip elements with
-// a candidate (and the row's last, shorter stretch) reach the exact test.
+// a candidate (and the row's last, shorter stretch) reach the exact test. `found`: scratch for
+// features / kSkip stretch numbers.
 template <typename scalar_t, typename acc_t>
 int64_t select_row(const scalar_t* pre, const acc_t* bias, const acc_t* theta, Window<acc_t> w,
-                   int64_t features, Entries<acc_t>& out) {
+                   int64_t features, int64_t* found, Entries<acc_t>& out) {
+  const int64_t full = features / kSkip;
+  const int64_t candidates =
+      candidate_stretches<scalar_t, acc_t>(pre, bias, theta, w.lo, full, found);
   int64_t active_count = 0;
-  for (int64_t j = 0; j < features; j += kSkip) {
-    const int64_t end = std::min(features, j + kSkip);
-    if (end - j == kSkip && !any_candidate<scalar_t, acc_t>(pre + j, bias + j, theta + j, w.lo)) {
-      continue;
-    }
-    for (int64_t k = j; k < end; ++k) {
+  for (int64_t i = 0; i < candidates; ++i) {
+    for (int64_t k = found[i] * kSkip; k < (found[i] + 1) * kSkip; ++k) {
       active_count += select_one<scalar_t, acc_t>(pre, bias, theta, w, k, out) ? 1 : 0;
     }
+  }
+  for (int64_t k = full * kSkip; k < features; ++k) {
+    active_count += select_one<scalar_t, acc_t>(pre, bias, theta, w, k, out) ? 1 : 0;
   }
   return active_count;
 }
@@ -114,13 +133,14 @@ Support select_kernel(const SelectArgs& a) {
   const int64_t blocks = (rows + block_rows - 1) / block_rows;
   std::vector<Entries<acc_t>> entries(blocks);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> found(features / kSkip);
     for (int64_t b = begin; b < end; ++b) {
       Entries<acc_t>& e = entries[b];
       const int64_t row_end = std::min(rows, (b + 1) * block_rows);
       for (int64_t r = b * block_rows; r < row_end; ++r) {
         const size_t before = e.indices.size();
-        const int64_t active = select_row<scalar_t, acc_t>(pre + r * features, bias.data(),
-                                                           theta.data(), window, features, e);
+        const int64_t active = select_row<scalar_t, acc_t>(
+            pre + r * features, bias.data(), theta.data(), window, features, found.data(), e);
         row_counts[r] = static_cast<int64_t>(e.indices.size() - before);
         l0[r] = static_cast<float>(active);
       }
@@ -144,6 +164,7 @@ Support select_kernel(const SelectArgs& a) {
   // Tasks of about kGrainSize entries: the usual few entries per row are copied inline.
   const int64_t copy_grain = std::max<int64_t>(1, blocks * kGrainSize / std::max<int64_t>(nnz, 1));
   at::parallel_for(0, blocks, copy_grain, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> found(features / kSkip);
     for (int64_t b = begin; b < end; ++b) {
       Entries<acc_t>& e = entries[b];
       const size_t n = e.indices.size();

@@ -19,6 +19,7 @@
 #include <c10/macros/Macros.h>
 
 #include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
 
 #include "../sparse_kernels.h"
 #include "common.cuh"
@@ -261,6 +262,14 @@ void feature_sums_cuda(const FeatureSumsArgs& args) {
   TORCH_CHECK(args.by_feature.order.dim() == 1 && args.by_feature.order.size(0) == nnz, op,
               " (CUDA): order must be [nnz = ", nnz, "], got ", args.by_feature.order.sizes());
   const bool want_out = args.out.defined(), want_sums = args.sums.defined();
+  if (want_out && args.transposed) {  // rows into scratch, then one transposing copy on the device
+    FeatureSumsArgs by_rows = args;
+    by_rows.transposed = false;
+    by_rows.out = at::empty({features, args.rows.size(1)}, args.values.options());
+    feature_sums_cuda(by_rows);
+    args.out.copy_(by_rows.out.t());
+    return;
+  }
   if (want_out) {
     check_compute(op, args.by_feature.entry_rows, "entry_rows", at::kLong);
     check_compute(op, args.rows, "rows", dtype);
