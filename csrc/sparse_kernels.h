@@ -103,9 +103,11 @@ void feature_sums_cuda(const FeatureSumsArgs& args);
 // A backend's four kernels, as the wrappers' template argument (register_sparse_ops<...>).
 // select_adds_bias: the encoder's product is formed without b_enc and select adds it (on the CPU
 // that saves writing the bias into every chunk before the product and reading it back in it);
-// on the GPU the product's epilogue adds it.
+// on the GPU the product's epilogue adds it. tile_features: the width of the encoder's tiles
+// (sparse_ops.h, default_chunk_rows); 0: whole rows.
 struct CpuSparseKernels {
   static constexpr bool select_adds_bias = true;
+  static constexpr int64_t tile_features = 2048;
   static constexpr auto feature_order = &feature_order_cpu;
   static constexpr auto select = &select_support_cpu;
   static constexpr auto spmm = &spmm_cpu;
@@ -115,6 +117,7 @@ struct CpuSparseKernels {
 
 struct CudaSparseKernels {
   static constexpr bool select_adds_bias = false;
+  static constexpr int64_t tile_features = 0;
   static constexpr auto feature_order = &feature_order_sorted;
   static constexpr auto select = &select_support_cuda;
   static constexpr auto spmm = &spmm_cuda;

@@ -22,13 +22,48 @@ inline at::ScalarType compute_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The encoder's pre-activations are formed a chunk of rows at a time, so the forward never holds
-// [rows, features] whole (docs/ops.md#row-chunks): about 8M elements (32 MB in fp32) on the CPU,
-// 128M on a GPU, but never fewer than 512 rows, since every product call streams (and on the CPU
-// packs) all of W_enc: at d_sae 262,144, 32-row chunks spent longer on that than on the product.
-inline int64_t default_chunk_rows(const at::Tensor& x, int64_t features) {
+// The encoder's pre-activations are formed a tile at a time, so the forward never holds
+// [rows, features] whole (docs/ops.md#row-chunks): chunks of rows, and on the CPU tiles of
+// K::tile_features features within a chunk. A tile is about 8M elements (32 MB in fp32) on the
+// CPU, a chunk 128M on a GPU, but never fewer than 512 rows, since every product call streams (and
+// on the CPU packs) its slice of W_enc: at d_sae 262,144, 32-row chunks spent longer on that than
+// on the product. On the CPU, whole-batch tiles of 2,048 features ran the product 7-8% faster
+// than 512-row chunks of every feature.
+template <typename K>
+int64_t default_chunk_rows(const at::Tensor& x, int64_t features) {
   const int64_t budget = x.is_cuda() ? (int64_t{1} << 27) : (int64_t{1} << 23);
-  return std::max<int64_t>(512, budget / std::max<int64_t>(features, 1));
+  const int64_t width = K::tile_features > 0 ? std::min(features, K::tile_features) : features;
+  return std::max<int64_t>(512, budget / std::max<int64_t>(width, 1));
+}
+
+// One chunk's tiles (in feature order) as one support: per row, the tiles' entries in tile order,
+// so features stay ascending. The permutation is a stable sort of the entries by row (the feature
+// order's counting sort, with rows for features and tiles for rows).
+template <typename K>
+Support merge_tiles(const std::vector<Support>& tiles, int64_t rows) {
+  if (tiles.size() == 1) return tiles.front();
+  std::vector<at::Tensor> counts, indices, values, flags, l0, entry_rows;
+  std::vector<int64_t> tile_offsets{0};
+  for (const Support& t : tiles) {
+    counts.push_back(t.row_counts);
+    indices.push_back(t.indices);
+    values.push_back(t.values);
+    flags.push_back(t.flags);
+    l0.push_back(t.l0);
+    entry_rows.push_back(
+        at::repeat_interleave(t.row_counts, std::optional<int64_t>(t.indices.size(0))));
+    tile_offsets.push_back(tile_offsets.back() + t.indices.size(0));
+  }
+  const at::Tensor tile_starts =
+      at::tensor(tile_offsets, at::kLong).to(tiles.front().indices.device());
+  const at::Tensor by_row = K::feature_order(tile_starts, at::cat(entry_rows), rows).order;
+  Support s;
+  s.row_counts = at::stack(counts).sum(0);
+  s.l0 = at::stack(l0).sum(0);  // integer counts in float32: exact
+  s.indices = at::cat(indices).index_select(0, by_row);
+  s.values = at::cat(values).index_select(0, by_row);
+  s.flags = at::cat(flags).index_select(0, by_row);
+  return s;
 }
 
 inline void check_csr(const char* op, const at::Tensor& offsets, const at::Tensor& indices,
@@ -98,28 +133,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_en
               ": b_enc must have x's dtype and device");
   TORCH_CHECK(chunk_rows >= 0, op, ": chunk_rows must be >= 0 (0: automatic), got ", chunk_rows);
   SelectArgs select;
-  select.threshold = threshold.contiguous();
   select.bandwidth = bandwidth;
-  if (fire_counts.defined()) {
-    check_fire_counts(op, fire_counts, RowView{rows, features, {}}, x);
-    select.fire_counts = fire_counts;
-  }
-  if (chunk_rows == 0) chunk_rows = default_chunk_rows(x, features);
+  if (fire_counts.defined()) check_fire_counts(op, fire_counts, RowView{rows, features, {}}, x);
+  if (chunk_rows == 0) chunk_rows = default_chunk_rows<K>(x, features);
+  const int64_t tile_features =
+      std::max<int64_t>(1, K::tile_features > 0 ? std::min(features, K::tile_features) : features);
   const at::Tensor xc = x.contiguous(), wc = W_enc.contiguous();
+  const at::Tensor theta = threshold.contiguous(), bias = b_enc.contiguous();
   at::Tensor buffer;
   std::vector<at::Tensor> counts, indices, values, flags, l0;
   for (int64_t start = 0; start < rows; start += chunk_rows) {
     const int64_t n = std::min(chunk_rows, rows - start);
-    if (!buffer.defined()) buffer = at::empty({n, features}, x.options());
-    at::Tensor pre = buffer.narrow(0, 0, n);
-    if constexpr (K::select_adds_bias) {
-      at::mm_out(pre, xc.narrow(0, start, n), wc);
-      select.bias = b_enc.contiguous();
-    } else {
-      at::addmm_out(pre, b_enc, xc.narrow(0, start, n), wc);
+    const at::Tensor x_chunk = xc.narrow(0, start, n);
+    if (!buffer.defined()) buffer = at::empty({n * tile_features}, x.options());
+    std::vector<Support> tiles;
+    // At least one tile, so that a chunk of a 0-feature SAE still has its (empty) rows.
+    for (int64_t first = 0; first < std::max<int64_t>(features, 1); first += tile_features) {
+      const int64_t width = std::min(tile_features, features - first);
+      at::Tensor pre = buffer.narrow(0, 0, n * width).view({n, width});
+      const at::Tensor w = wc.narrow(1, first, width);  // strided: the product reads it in place
+      if constexpr (K::select_adds_bias) {
+        at::mm_out(pre, x_chunk, w);
+        select.bias = bias.narrow(0, first, width);
+      } else {
+        at::addmm_out(pre, bias.narrow(0, first, width), x_chunk, w);
+      }
+      select.pre = pre;
+      select.threshold = theta.narrow(0, first, width);
+      if (fire_counts.defined()) select.fire_counts = fire_counts.narrow(0, first, width);
+      Support s = K::select(select);
+      if (first > 0) s.indices.add_(first);
+      tiles.push_back(s);
     }
-    select.pre = pre;
-    Support s = K::select(select);
+    Support s = merge_tiles<K>(tiles, n);
     counts.push_back(s.row_counts);
     indices.push_back(s.indices);
     values.push_back(s.values);

@@ -165,11 +165,12 @@ def test_encode_empty_and_all_firing_rows(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_encode_every_entry_fires(device):
-    """A chunk whose support is everything: nnz = rows·F, across several row blocks."""
-    x, W, b, _ = dyadic_inputs(70, 4, 600, torch.float32, torch.float32, device, seed=2)
-    theta = torch.full((600,), -100.0, device=device)
+    """A chunk whose support is everything: nnz = rows·F, across several row blocks and (F above
+    the CPU's 2,048-feature tiles) several tiles."""
+    x, W, b, _ = dyadic_inputs(70, 4, 4200, torch.float32, torch.float32, device, seed=2)
+    theta = torch.full((4200,), -100.0, device=device)
     (offsets, *_), counts = check_encode(x, W, b, theta, 0.25, chunk_rows=33)
-    assert int(offsets[-1]) == 70 * 600
+    assert int(offsets[-1]) == 70 * 4200
 
 
 @pytest.mark.parametrize("device", DEVICES)
