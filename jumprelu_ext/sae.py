@@ -279,8 +279,11 @@ class JumpReLUSAE(nn.Module):
         """Renormalise W_dec rows to unit norm (call after the step): the L0 penalty would
         otherwise be dodged by shrinking encoder activations while growing decoder rows."""
         for w in self.W_dec.split(self._rows_per_block()):
-            norms = w.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
-            w.copy_(w.float() / norms)
+            norms = torch.linalg.vector_norm(w, dim=1, keepdim=True, dtype=torch.float32).clamp_min(1e-12)
+            if w.dtype == torch.float32:
+                w.div_(norms)  # in place: the same values as w / norms, without the copy
+            else:
+                w.copy_(w.float() / norms)
 
     def _rows_per_block(self) -> int:
         """The decoder constraint works on blocks of about 4 MB: each row's result is the same, and
