@@ -261,6 +261,20 @@ def test_model_errors_are_one_line(tmp_path, tiny_gpt2_and_text):
     )
 
 
+@pytest.mark.parametrize("command", ["jumprelu_ext.train", "jumprelu_ext.harvest", "jumprelu_ext.cache"])
+def test_text_that_is_not_utf8_is_one_line_naming_the_byte(tmp_path, tiny_gpt2_and_text, command):
+    """A Latin-1 document after UTF-8 ones: met after the start-up check of the first document."""
+    model, text = tiny_gpt2_and_text
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(text.read_bytes() + "\n\ncafé au lait\n".encode("latin-1"))
+    args = ["--model", str(model), "--layer", "0", "--dataset", str(latin1), "--out", str(tmp_path / "o")]
+    result = subprocess.run(
+        [sys.executable, "-m", command, *args, "--device", "cpu"], capture_output=True, text=True, timeout=120
+    )
+    offset = len(text.read_bytes()) + len("\n\ncaf")
+    assert_one_line_error(result, str(latin1), "not UTF-8", f"byte 0xe9 at offset {offset}")
+
+
 def test_trains_on_shards_written_by_python_m_jumprelu_ext_harvest(tmp_path, tiny_gpt2_and_text):
     from jumprelu_ext import harvest
 
