@@ -108,6 +108,29 @@ def test_all_nan_held_out_rows_name_the_file(tmp_path, capsys):
 # ------------------------------------------------------------------ item 8: the summary lines up
 
 
+@pytest.mark.slow
+def test_a_warmup_longer_than_the_run_is_a_warning(tmp_path, capsys):
+    path = tmp_path / "acts.npy"
+    np.save(path, rows())
+    status, _, err = cli(flags(path, tmp_path / "run", "--sparsity-warmup-steps", "100"), capsys)
+    assert status == 0, err
+    assert "warning: --sparsity-warmup-steps 100 is longer than the run (--steps 4)" in err
+
+
+@pytest.mark.slow
+def test_an_sae_that_is_not_sparse_is_a_warning(tmp_path, capsys):
+    """No sparsity penalty: the run succeeds, but its SAE is no use, and the report says so."""
+    path = tmp_path / "acts.npy"
+    np.save(path, rows())
+    status, out, err = cli(flags(path, tmp_path / "run", "--l0-coefficient", "0"), capsys)
+    assert status == 0, err
+    l0 = json.loads((tmp_path / "run" / "eval.json").read_text())["l0"]
+    assert l0 > 0.1 * 32
+    (warning,) = [line for line in err.splitlines() if "not sparse" in line]
+    assert warning.startswith(f"warning: the SAE is not sparse: held-out L0 {l0:.0f} of its 32 features")
+    assert "--l0-coefficient" in warning and "--lr" in warning
+
+
 def test_summary_columns_line_up():
     results = {
         "tokens": 6426,

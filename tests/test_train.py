@@ -121,6 +121,20 @@ def test_interrupted_run_resumes_to_the_same_weights(activations, tmp_path, monk
     assert steps == [2, 4, 6, 8, 10, 12]  # rows after the checkpoint were dropped and logged again
 
 
+def test_a_resumed_run_keeps_the_warmups_it_started_with(activations, tmp_path):
+    """Unset warm-ups are fitted to --steps (6 steps: lr 0, λ 2); extended to 12 steps, the run
+    keeps them rather than refitting (lr 1, λ 4), which would lower λ in the middle of the run."""
+    out = tmp_path / "run"
+    unset = [flag for i, flag in enumerate(SMALL_RUN) if "warmup" not in flag and "warmup" not in SMALL_RUN[i - 1]]
+    flags = ["--activations", str(activations), "--out", str(out), *unset, "--checkpoint-every", "3"]
+    assert train.main([*flags, "--steps", "6"]) == 0
+    assert train.main([*flags, "--steps", "12", "--resume"]) == 0
+    trained = json.loads((out / "cfg.json").read_text())["jumprelu_ext"]["extra"]["training_config"]
+    assert (trained["steps"], trained["lr_warmup_steps"], trained["sparsity_warmup_steps"]) == (12, 0, 2)
+    lambdas = [json.loads(line)["l0_coefficient"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lambdas == sorted(lambdas) and lambdas[-1] == 1.0  # never lowered
+
+
 def run_cli(*args, env_extra=None):
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run(
