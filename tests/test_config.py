@@ -378,6 +378,13 @@ def test_the_config_file_counts_as_a_data_source_and_a_recipe(tmp_path):
     assert parse_args(["--config", str(path), "--recipe", "default"]).max_grad_norm == TrainConfig().max_grad_norm
 
 
+def test_a_target_l0_the_sae_cannot_reach_is_refused():
+    for target in ("32", "40", "20,40"):  # a sweep's every value is checked
+        with _raises_naming("--target-l0"):
+            parse_args([*ACTS, "--d-sae", "32", "--target-l0", target])
+    assert parse_args([*ACTS, "--d-sae", "32", "--target-l0", "31"]).target_l0 == 31
+
+
 def test_flags_are_never_abbreviated(capsys):
     """No prefix is read as a flag; in particular --step (the sparse or dense step) is not --steps."""
     for argv in (["--bandwidth", "0.1", "--lr-warm", "5"], ["--mod", "gpt2"], ["--steps", "7", "--ste", "x"]):

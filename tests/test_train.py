@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from jumprelu_ext.export import load_sae
 from jumprelu_ext.train import loop as train
 from jumprelu_ext.train.data.activations import ShuffledBatches
+from jumprelu_ext.train.errors import UserError
 
 # Training runs, resumed runs and the CLI in subprocesses.
 pytestmark = pytest.mark.slow
@@ -174,6 +175,25 @@ def test_resume_refuses_a_different_run(activations, tmp_path):
     assert train.main(small_run_flags(activations, out, "--steps", "2")) == 0
     result = run_cli(*small_run_flags(activations, out, "--resume", "--d-sae", "48"))
     assert_one_line_error(result, "--resume", "--d-sae")
+
+
+def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(activations, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(small_run_flags(activations, out, "--steps", "6")) == 0
+    report = {name: (out / name).read_bytes() for name in ("cfg.json", "eval.json", "metrics.jsonl")}
+    result = run_cli(*small_run_flags(activations, out, "--resume", "--steps", "4"))
+    assert_one_line_error(result, "--resume", "at step 6, past --steps 4", "give --steps 6 or more")
+    assert {name: (out / name).read_bytes() for name in report} == report  # the report still tells the truth
+    capsys.readouterr()
+    assert train.main(small_run_flags(activations, out, "--resume", "--steps", "6")) == 0
+    assert "at step 6: the run is done, so it is only evaluated again" in capsys.readouterr().out
+
+
+def test_a_target_l0_above_the_width_the_data_gives_is_refused(activations, tmp_path):
+    flags = small_run_flags(activations, tmp_path / "run", "--target-l0", "40", "--l0-coefficient", "1e-3")
+    flags[flags.index("--d-sae") : flags.index("--d-sae") + 2] = ["--expansion-factor", "2"]  # 2 x 16 features
+    with pytest.raises(UserError, match=r"^--target-l0 40 must be below the SAE's 32 features"):
+        train.main(flags)
 
 
 def test_help_lists_the_contract_flags():

@@ -357,6 +357,11 @@ class TrainConfig:
             self, **{name: self.warmup(name) if saved.get(name) is None else saved[name] for name in unset}
         )
 
+    def check_target_l0(self, d_sae: int) -> None:
+        """Refuse an L0 target that an SAE of ``d_sae`` features cannot usefully reach (a single run's)."""
+        if self.target_l0 is not None and self.target_l0 >= d_sae:
+            raise ConfigError(f"--target-l0 {self.target_l0:g} must be below the SAE's {d_sae} features (--d-sae)")
+
     def long_warmups(self) -> list[str]:
         """A line for each warm-up longer than the run (only a value set can be)."""
         lines = []
@@ -433,6 +438,8 @@ class TrainConfig:
         for name in WARMUPS:
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{fl(name)} must be >= 0, got {getattr(self, name)}")
+        if not self.out.strip():  # "" is the current folder to every file call
+            raise ConfigError("--out is empty: give the folder for the run's files, e.g. --out runs/mine")
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues the run in --out and --overwrite replaces it: give one of them")
         if self.checkpoint_every < 0:
@@ -465,6 +472,8 @@ class TrainConfig:
             raise ConfigError(f"--target-l0 must be a positive number, got {self.target_l0}")
         if self.target_l0 is not None and self.l0_coefficient <= 0:
             raise ConfigError("--target-l0 adapts lambda from --l0-coefficient, which must then be > 0")
+        if self.d_sae is not None:
+            self.check_target_l0(self.d_sae)
 
         for name, allowed in CHOICES.items():
             v = getattr(self, name)

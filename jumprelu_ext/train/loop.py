@@ -88,7 +88,7 @@ def train(cfg, layout, device) -> int:
     checkpoint_path = out / CHECKPOINT_NAME
     state = load_checkpoint(checkpoint_path) if cfg.resume and checkpoint_path.is_file() else None
     if state is not None:
-        check_resumable(state["config"], cfg)
+        check_resumable(state["config"], cfg, state["step"])
     cfg = cfg.with_warmups(state["config"] if state else None)  # what this run trains with and records
     for line in cfg.long_warmups():
         say(f"warning: {line}", file=sys.stderr)
@@ -96,6 +96,8 @@ def train(cfg, layout, device) -> int:
     # ---------------------------------------------------------------- data
     data = prepare_data(cfg, device, layout)
     d_sae = cfg.d_sae or data.d_in * cfg.expansion_factor
+    for _, member_cfg in cfg.members():  # an L0 target the SAE cannot reach, now that its width is known
+        member_cfg.check_target_l0(d_sae)
     ranks = f", {layout.world_size} ranks, {layout.description}" if layout.world_size > 1 else ""
     say(
         f"training on {data.d_in}-dim activations ({data.train.describe()}, "
@@ -118,7 +120,8 @@ def train(cfg, layout, device) -> int:
         data.input_scale = state["input_scale"]
         restore_rng_state(state["rng"])
         step = state["step"]
-        say(f"resumed from {checkpoint_path} at step {step}")
+        done = ": the run is done, so it is only evaluated again" if step == cfg.steps else ""
+        say(f"resumed from {checkpoint_path} at step {step}{done}")
     elif cfg.resume:
         say(f"--resume: no checkpoint in {out}, starting at step 0")
     for member in members:
@@ -260,7 +263,8 @@ def _quiet(*args, **kwargs):
     pass
 
 
-def check_resumable(saved: dict, cfg) -> None:
+def check_resumable(saved: dict, cfg, step: int | None = None) -> None:
+    """Refuse a checkpoint (its config ``saved``, taken at ``step``) that this run cannot continue."""
     current = cfg.to_dict()
     for name in RESUME_MUST_MATCH:
         was = saved.get(name, BEFORE_THE_OPTION.get(name))
@@ -269,6 +273,11 @@ def check_resumable(saved: dict, cfg) -> None:
             raise UserError(
                 f"--resume: the checkpoint in {cfg.out} was made with {flag} {was}, this run has {flag} {current[name]}"
             )
+    if step is not None and step > cfg.steps:  # it cannot be undone; its report would say --steps
+        raise UserError(
+            f"--resume: the checkpoint in {cfg.out} is at step {step}, past --steps {cfg.steps}: "
+            f"give --steps {step} or more (--steps {step} evaluates it again)"
+        )
 
 
 @dataclass

@@ -67,6 +67,12 @@ def _deprecated(old: str, new: str) -> type[argparse.Action]:
     return Deprecated
 
 
+def _folder(text: str) -> Path:
+    if not text.strip():  # Path("") is the current folder
+        raise argparse.ArgumentTypeError("an empty path: give the folder for the shards, e.g. --out acts/")
+    return Path(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -96,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         required=True,
-        type=Path,
+        type=_folder,
         help="output folder (created); a folder this command was writing to is continued after its last complete shard",
     )
     p.add_argument(
