@@ -184,8 +184,10 @@ class TrainConfig:
     )
     dataset: str | None = _f(
         None,
-        "text for --model: the built-in pydoc-topics (Python's documentation topics, offline), "
-        "a local .txt/.jsonl file, or a Hugging Face datasets name",
+        "text for --model: the built-in pydoc-topics (Python's documentation topics, offline), a local .txt file "
+        "(documents separated by blank lines), .jsonl file (field 'text'), .parquet file (column 'text'; needs "
+        "pyarrow) or a folder of such files, all UTF-8, or a Hugging Face datasets name. Given alone, it replaces "
+        "the bare call's text: the embedded preset trains on it",
     )
     context_length: int = _f(128, "tokens per sequence when harvesting activations from --model")
     max_tokens: int | None = _f(
@@ -513,6 +515,10 @@ def _field_type(name: str) -> tuple[type, bool]:
     return base, type(None) in args
 
 
+# The flags that take a value: every option but the on/off ones.
+_VALUE_FLAGS = {TrainConfig.flag(name) for name in _FIELDS if _field_type(name)[0] is not bool}
+
+
 def _short(value: float) -> str:
     """The shortest text that reads back as ``value``: 0.002, 40 (member names, messages)."""
     text = f"{value:g}"
@@ -698,6 +704,29 @@ def _preparse(args: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     }
 
 
+def _negative_numbers_joined(args: Sequence[str]) -> list[str]:
+    """``--lr -1e-3`` as ``--lr=-1e-3``. argparse takes a value starting with '-' for a flag unless
+    it looks like -1 or -0.5, so ``-1e-3`` would end in "expected one argument"; joined, it reaches
+    the option's own check, which says what the value must be."""
+    joined: list[str] = []
+    for token in args:
+        if joined and joined[-1] in _VALUE_FLAGS and token.startswith("-") and _numbers(token):
+            joined[-1] = f"{joined[-1]}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
+def _numbers(text: str) -> bool:
+    """Whether ``text`` is a number or a comma-separated list of them."""
+    try:
+        for part in text.split(","):
+            float(part)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_args(argv: Sequence[str] | None = None, *, validate: bool = True) -> TrainConfig:
     """Parse command-line arguments (``sys.argv[1:]`` when None) into a TrainConfig.
 
@@ -706,7 +735,7 @@ def parse_args(argv: Sequence[str] | None = None, *, validate: bool = True) -> T
     given over everything. With ``validate=True`` (the default) the result is checked and
     ``ConfigError`` raised on bad values.
     """
-    args = sys.argv[1:] if argv is None else list(argv)
+    args = _negative_numbers_joined(sys.argv[1:] if argv is None else argv)
     file_values, chosen = _preparse(args)
     ns = build_parser({**defaults_for(**chosen), **file_values}).parse_args(args)
     values = {name: getattr(ns, name) for name in _FIELDS}

@@ -96,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
         "--dataset",
         default=EMBEDDED_DATASET,
         help=f"{EMBEDDED_DATASET!r} (bundled with Python), a .txt file (blank lines separate documents), "
-        "a .jsonl file (field 'text'), or a Hugging Face datasets name (split 'train', field 'text')",
+        "a .jsonl file (field 'text'), a .parquet file (column 'text'; needs pyarrow) or a folder of such files, "
+        "all UTF-8, or a Hugging Face datasets name (split 'train', field 'text')",
     )
     p.add_argument("--context-length", type=int, default=128, help="tokens per window, special tokens included")
     p.add_argument(
