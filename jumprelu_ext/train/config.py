@@ -659,7 +659,9 @@ def build_parser(defaults: Mapping[str, Any] | None = None) -> argparse.Argument
         + ". A bare call, with neither --activations nor --model, runs the embedded default preset instead, "
         "offline: "
         + ", ".join(f"{TrainConfig.flag(k)} {v}" for k, v in EMBEDDED_DEFAULT.items())
-        + " (shown below as 'bare call: VALUE' next to each flag it sets); flags given override it.",
+        + " (shown below as 'bare call: VALUE' next to each flag it sets); flags given override it. "
+        "Warm-ups not set are the recipe's fitted to --steps (at most a twelfth and a third of it), in a bare "
+        "call too.",
     )
     parser.add_argument(
         "--config",
