@@ -39,6 +39,15 @@ def test_layer_model_dataset_and_dtype_say_what_they_do(entries):
     assert "--resume" in entries["--overwrite"]
 
 
+def test_dataset_lists_every_kind_of_text_in_both_commands(entries, help_entries):
+    from jumprelu_ext.train.data.shard_writer import _parser
+
+    for entry in (entries["--dataset"], help_entries(_parser())["--dataset"]):
+        for kind in ("pydoc-topics", ".txt", ".jsonl", ".parquet", "folder", "UTF-8", "Hugging Face"):
+            assert kind in entry, (kind, entry)
+    assert "Given alone" in entries["--dataset"]  # --dataset FILE alone: the embedded preset on your text
+
+
 @pytest.mark.slow
 def test_bfloat16_autocast_runs_on_the_cpu_as_the_help_says(tmp_path):
     """--dtype bfloat16 on the CPU trains under autocast: a CPU run gives other weights than fp32."""

@@ -63,6 +63,15 @@ def test_out_naming_a_file_is_a_one_line_error(activations, tmp_path, capsys):
     assert_one_line_error(cli(flags(activations, a_file / "run"), capsys), "notes.txt")
 
 
+def test_an_empty_out_is_refused_instead_of_writing_into_the_current_folder(activations, tmp_path, monkeypatch, capsys):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert_one_line_error(cli(flags(activations, ""), capsys), "--out is empty")
+    assert_one_line_error(cli(flags(activations, "  "), capsys), "--out is empty")
+    assert list(here.iterdir()) == []
+
+
 def test_an_unwritable_out_is_reported_before_any_data_is_read(tmp_path, monkeypatch, capsys):
     """A read-only filesystem (simulated: every file created in --out fails with EROFS, as root
     would see it too) is reported first, before the (here missing) activations are even opened."""

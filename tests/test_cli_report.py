@@ -108,6 +108,29 @@ def test_all_nan_held_out_rows_name_the_file(tmp_path, capsys):
 # ------------------------------------------------------------------ item 8: the summary lines up
 
 
+@pytest.mark.slow
+def test_a_warmup_longer_than_the_run_is_a_warning(tmp_path, capsys):
+    path = tmp_path / "acts.npy"
+    np.save(path, rows())
+    status, _, err = cli(flags(path, tmp_path / "run", "--sparsity-warmup-steps", "100"), capsys)
+    assert status == 0, err
+    assert "warning: --sparsity-warmup-steps 100 is longer than the run (--steps 4)" in err
+
+
+@pytest.mark.slow
+def test_an_sae_that_is_not_sparse_is_a_warning(tmp_path, capsys):
+    """No sparsity penalty: the run succeeds, but its SAE is no use, and the report says so."""
+    path = tmp_path / "acts.npy"
+    np.save(path, rows())
+    status, out, err = cli(flags(path, tmp_path / "run", "--l0-coefficient", "0"), capsys)
+    assert status == 0, err
+    l0 = json.loads((tmp_path / "run" / "eval.json").read_text())["l0"]
+    assert l0 > 0.1 * 32
+    (warning,) = [line for line in err.splitlines() if "not sparse" in line]
+    assert warning.startswith(f"warning: the SAE is not sparse: held-out L0 {l0:.0f} of its 32 features")
+    assert "--l0-coefficient" in warning and "--lr" in warning
+
+
 def test_summary_columns_line_up():
     results = {
         "tokens": 6426,
@@ -173,6 +196,63 @@ def _log_rows(steps=100, target=False):
             }
         )
     return out
+
+
+def _case_rows(case, steps=200):
+    """The logged rows of the runs a plot must not misrepresent (issue 24, item 3)."""
+    rows = _log_rows(steps)
+    for row in rows:
+        late = row["step"] / steps
+        if case == "fully dense":  # every feature fires on most tokens; L0 creeps from 1,400 to 1,560
+            row.update(l0=1400 + 160 * late**2, dense_fraction=1.0, dead_fraction=0.0, threshold_mean=1e-3)
+            row.update(loss=2.8 + 28 * late, fvu=0.2 - 0.15 * late)
+        elif case == "no dead features":
+            row["dead_fraction"] = 0.0
+        elif case == "L0 barely moves":
+            row["l0"] = 40 + 0.5 * np.sin(row["step"])
+    return rows
+
+
+CURVE_CASES = ["healthy", "fully dense", "no dead features", "L0 barely moves"]
+
+
+def _tick_labels(axis, low, high):
+    """The non-empty tick labels that a drawn axis shows between ``low`` and ``high``."""
+    ticks = axis.get_major_ticks() + axis.get_minor_ticks()
+    return [
+        t.label1.get_text()
+        for t in ticks
+        if t.label1.get_visible() and t.label1.get_text() and low <= t.get_loc() <= high
+    ]
+
+
+@pytest.mark.parametrize("case", CURVE_CASES)
+def test_every_value_is_inside_its_frame_and_every_axis_has_tick_labels(tmp_path, monkeypatch, case):
+    figures = _captured_figures(monkeypatch)
+    rows = _case_rows(case)
+    plots.plot_curves(rows, tmp_path / "curves.png", max_grad_norm=0.1)
+    (fig,) = figures
+    fig.canvas.draw()
+    settled = plots.SETTLED_FROM * rows[-1]["step"]
+    for ax in fig.axes:
+        title = ax.get_title()
+        to_frame = ax.transData + ax.transAxes.inverted()  # data -> 0..1 of the frame
+        for line in ax.get_lines():
+            if line.get_linestyle() == "None" or line.get_label() not in {
+                label for _, _, keys, _ in plots.PANELS for _, label in keys
+            }:
+                continue  # the open markers of points beyond the range, and the marked levels
+            points = [(x, y) for x, y in zip(line.get_xdata(), line.get_ydata()) if x >= settled]
+            heights = to_frame.transform(points)[:, 1]
+            assert (heights > 0.02).all() and (heights < 0.98).all(), (
+                f"{case}: {title}: {line.get_label()} on the frame"
+            )
+        low, high = ax.get_ylim()
+        assert len(_tick_labels(ax.yaxis, low, high)) >= 2, (
+            f"{case}: {title}: y ticks {_tick_labels(ax.yaxis, low, high)}"
+        )
+        assert len(_tick_labels(ax.xaxis, *ax.get_xlim())) >= 2, f"{case}: {title}: x ticks"
+        assert ax.get_xlabel() and ax.get_ylabel(), f"{case}: {title}"
 
 
 def test_curves_show_what_judges_a_run_on_readable_axes(tmp_path, monkeypatch):

@@ -378,6 +378,24 @@ def test_the_config_file_counts_as_a_data_source_and_a_recipe(tmp_path):
     assert parse_args(["--config", str(path), "--recipe", "default"]).max_grad_norm == TrainConfig().max_grad_norm
 
 
+def test_a_target_l0_the_sae_cannot_reach_is_refused():
+    for target in ("32", "40", "20,40"):  # a sweep's every value is checked
+        with _raises_naming("--target-l0"):
+            parse_args([*ACTS, "--d-sae", "32", "--target-l0", target])
+    assert parse_args([*ACTS, "--d-sae", "32", "--target-l0", "31"]).target_l0 == 31
+
+
+@pytest.mark.parametrize("value", ["-1e-3", "-7E-5", "-inf", "-1e-3,2e-3"])
+def test_a_negative_number_reaches_the_options_own_check(value):
+    """argparse reads "-1e-3" as a flag ("expected one argument"); it is the value, and the value
+    must be positive."""
+    flag = "--l0-coefficient" if "," in value else "--lr"
+    with pytest.raises(ConfigError, match=f"^{flag} must be"):
+        parse_args([*ACTS, flag, value])
+    assert parse_args([*ACTS, "--lr", "-1e-3"], validate=False).lr == -1e-3
+    assert parse_args([*ACTS, "--lr=3e-4", "--steps", "-5"], validate=False).steps == -5
+
+
 def test_flags_are_never_abbreviated(capsys):
     """No prefix is read as a flag; in particular --step (the sparse or dense step) is not --steps."""
     for argv in (["--bandwidth", "0.1", "--lr-warm", "5"], ["--mod", "gpt2"], ["--steps", "7", "--ste", "x"]):

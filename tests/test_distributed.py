@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from jumprelu_ext.train import distributed
 from jumprelu_ext.train import loop as train
 
 # torchrun: every test starts two or more processes and trains.
@@ -144,6 +145,15 @@ def test_checkpoints_move_between_world_sizes(activations, single, tmp_path, lay
     assert train.main(flags(activations, one_then_two, "--steps", "6")) == 0
     torchrun(2, flags(activations, one_then_two, "--resume", *extra))
     assert_same_sae(one_then_two, single)
+
+
+def test_shard_features_in_a_single_process_says_it_does_nothing(monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.init("cpu", shard_features=True)[0].world_size == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("warning: --shard-features") and "single process" in line
+    distributed.init("cpu", shard_features=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_sharding_needs_divisible_features(activations, tmp_path):

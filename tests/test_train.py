@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from jumprelu_ext.export import load_sae
 from jumprelu_ext.train import loop as train
 from jumprelu_ext.train.data.activations import ShuffledBatches
+from jumprelu_ext.train.errors import UserError
 
 # Training runs, resumed runs and the CLI in subprocesses.
 pytestmark = pytest.mark.slow
@@ -121,6 +122,20 @@ def test_interrupted_run_resumes_to_the_same_weights(activations, tmp_path, monk
     assert steps == [2, 4, 6, 8, 10, 12]  # rows after the checkpoint were dropped and logged again
 
 
+def test_a_resumed_run_keeps_the_warmups_it_started_with(activations, tmp_path):
+    """Unset warm-ups are fitted to --steps (6 steps: lr 0, λ 2); extended to 12 steps, the run
+    keeps them rather than refitting (lr 1, λ 4), which would lower λ in the middle of the run."""
+    out = tmp_path / "run"
+    unset = [flag for i, flag in enumerate(SMALL_RUN) if "warmup" not in flag and "warmup" not in SMALL_RUN[i - 1]]
+    flags = ["--activations", str(activations), "--out", str(out), *unset, "--checkpoint-every", "3"]
+    assert train.main([*flags, "--steps", "6"]) == 0
+    assert train.main([*flags, "--steps", "12", "--resume"]) == 0
+    trained = json.loads((out / "cfg.json").read_text())["jumprelu_ext"]["extra"]["training_config"]
+    assert (trained["steps"], trained["lr_warmup_steps"], trained["sparsity_warmup_steps"]) == (12, 0, 2)
+    lambdas = [json.loads(line)["l0_coefficient"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lambdas == sorted(lambdas) and lambdas[-1] == 1.0  # never lowered
+
+
 def run_cli(*args, env_extra=None):
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run(
@@ -160,6 +175,25 @@ def test_resume_refuses_a_different_run(activations, tmp_path):
     assert train.main(small_run_flags(activations, out, "--steps", "2")) == 0
     result = run_cli(*small_run_flags(activations, out, "--resume", "--d-sae", "48"))
     assert_one_line_error(result, "--resume", "--d-sae")
+
+
+def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(activations, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(small_run_flags(activations, out, "--steps", "6")) == 0
+    report = {name: (out / name).read_bytes() for name in ("cfg.json", "eval.json", "metrics.jsonl")}
+    result = run_cli(*small_run_flags(activations, out, "--resume", "--steps", "4"))
+    assert_one_line_error(result, "--resume", "at step 6, past --steps 4", "give --steps 6 or more")
+    assert {name: (out / name).read_bytes() for name in report} == report  # the report still tells the truth
+    capsys.readouterr()
+    assert train.main(small_run_flags(activations, out, "--resume", "--steps", "6")) == 0
+    assert "at step 6: the run is done, so it is only evaluated again" in capsys.readouterr().out
+
+
+def test_a_target_l0_above_the_width_the_data_gives_is_refused(activations, tmp_path):
+    flags = small_run_flags(activations, tmp_path / "run", "--target-l0", "40", "--l0-coefficient", "1e-3")
+    flags[flags.index("--d-sae") : flags.index("--d-sae") + 2] = ["--expansion-factor", "2"]  # 2 x 16 features
+    with pytest.raises(UserError, match=r"^--target-l0 40 must be below the SAE's 32 features"):
+        train.main(flags)
 
 
 def test_help_lists_the_contract_flags():
@@ -259,6 +293,20 @@ def test_model_errors_are_one_line(tmp_path, tiny_gpt2_and_text):
         run_cli("--model", str(model), "--layer", "0", "--dataset", str(tmp_path / "none.txt"), "--out", "o"),
         "none.txt",
     )
+
+
+@pytest.mark.parametrize("command", ["jumprelu_ext.train", "jumprelu_ext.harvest", "jumprelu_ext.cache"])
+def test_text_that_is_not_utf8_is_one_line_naming_the_byte(tmp_path, tiny_gpt2_and_text, command):
+    """A Latin-1 document after UTF-8 ones: met after the start-up check of the first document."""
+    model, text = tiny_gpt2_and_text
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(text.read_bytes() + "\n\ncafé au lait\n".encode("latin-1"))
+    args = ["--model", str(model), "--layer", "0", "--dataset", str(latin1), "--out", str(tmp_path / "o")]
+    result = subprocess.run(
+        [sys.executable, "-m", command, *args, "--device", "cpu"], capture_output=True, text=True, timeout=120
+    )
+    offset = len(text.read_bytes()) + len("\n\ncaf")
+    assert_one_line_error(result, str(latin1), "not UTF-8", f"byte 0xe9 at offset {offset}")
 
 
 def test_trains_on_shards_written_by_python_m_jumprelu_ext_harvest(tmp_path, tiny_gpt2_and_text):

@@ -14,6 +14,10 @@ that decides, and ``parse_args`` only gathers its inputs. Layers, each over the 
 So ``--bandwidth`` defaults to 0.01 in a bare call and to 1e-3 with ``--model`` or ``--recipe paper``.
 The reasons and measurements behind each value are in docs/method.md, not here.
 
+The two warm-ups are the one exception: unset (the default), each is the recipe's fitted to the
+run, ``min(recipe value, --steps // share)`` (``WARMUPS``; ``TrainConfig.warmup``), so a short run
+is not all warm-up. ``--recipe paper`` sets them (its values exactly), and so may the flags.
+
 One dataclass, ``TrainConfig``, is the single source of truth: every field becomes a command-line
 flag (``--`` + field name with ``_`` replaced by ``-``; no prefix abbreviations) whose ``--help``
 text is the field's ``metadata["help"]`` string followed by its default and, where the embedded
@@ -53,6 +57,7 @@ __all__ = [
     "CHOICES",
     "EMBEDDED_DEFAULT",
     "SWEEPABLE",
+    "WARMUPS",
     "ConfigError",
     "TrainConfig",
     "build_parser",
@@ -83,6 +88,11 @@ SWEEP_HELP = (
     "; a comma-separated list (e.g. {example}) trains one SAE per value on the same batches, "
     "each in --out/{name}-VALUE/ (docs/trainer.md#several-saes-from-one-stream)"
 )
+
+# The warm-ups a run does not set: (the recipe's steps, the share of --steps they may take at most,
+# as --steps // share). They leave the recipe's 1,000 and 10,000 as they are from 12,000 and
+# 30,000 steps on, and give the embedded preset's 600 steps the 50 and 200 it was measured with.
+WARMUPS: dict[str, tuple[int, int]] = {"lr_warmup_steps": (1000, 12), "sparsity_warmup_steps": (10_000, 3)}
 
 # ``--recipe paper``: Rajamanoharan et al. 2024 exactly (Gemma Scope's values), for
 # reproductions. The default recipe differs where measurements showed a better SAE at the same
@@ -118,9 +128,7 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
     "expansion_factor": 8,
     "steps": 600,
     "lr": 7e-4,
-    "lr_warmup_steps": 50,
     "lr_decay": "none",  # constant: the run is still sparsifying when the recipe's tail would start
-    "sparsity_warmup_steps": 200,
     "l0_coefficient": 4e-3,
     "threshold_lr": 6e-3,
     "init_threshold": 0.02,
@@ -176,8 +184,10 @@ class TrainConfig:
     )
     dataset: str | None = _f(
         None,
-        "text for --model: the built-in pydoc-topics (Python's documentation topics, offline), "
-        "a local .txt/.jsonl file, or a Hugging Face datasets name",
+        "text for --model: the built-in pydoc-topics (Python's documentation topics, offline), a local .txt file "
+        "(documents separated by blank lines), .jsonl file (field 'text'), .parquet file (column 'text'; needs "
+        "pyarrow) or a folder of such files, all UTF-8, or a Hugging Face datasets name. Given alone, it replaces "
+        "the bare call's text: the embedded preset trains on it",
     )
     context_length: int = _f(128, "tokens per sequence when harvesting activations from --model")
     max_tokens: int | None = _f(
@@ -205,7 +215,11 @@ class TrainConfig:
     steps: int = _f(100_000, "number of training steps (batches)")
     batch_size: int = _f(4096, "activations (tokens) per training batch")
     lr: float = _f(7e-5, "Adam learning rate (beta1=0, beta2=0.999, eps=1e-8)")
-    lr_warmup_steps: int = _f(1000, "steps of linear learning-rate warm-up from ~0 to --lr")
+    lr_warmup_steps: int | None = _f(
+        None,
+        "steps of linear learning-rate warm-up from ~0 to --lr; unset: the recipe's 1000, at most --steps // 12 "
+        "(a bare call's 600 steps: 50); a resumed run keeps its checkpoint's",
+    )
     lr_decay: str = _f(
         "tail",
         "learning-rate schedule after warm-up: none (constant; the paper), cosine to 0 at --steps, or tail (constant, "
@@ -240,7 +254,11 @@ class TrainConfig:
         "clip the global gradient norm (every parameter, theta included) to this before each step; 0 = off "
         "(SAELens: 1; 0.1 measured better, docs/method.md#ablations)",
     )
-    sparsity_warmup_steps: int = _f(10_000, "steps over which lambda rises linearly from 0 to --l0-coefficient")
+    sparsity_warmup_steps: int | None = _f(
+        None,
+        "steps over which lambda rises linearly from 0 to --l0-coefficient; unset: the recipe's 10000, at most "
+        "--steps // 3 (a bare call's 600 steps: 200); a resumed run keeps its checkpoint's",
+    )
 
     # --- JumpReLU threshold ---
     bandwidth: float = _f(1e-3, "STE kernel bandwidth epsilon (for inputs scaled to E||x||^2 = 1)")
@@ -322,6 +340,46 @@ class TrainConfig:
         """A plain JSON-serialisable dict of every field (a swept option's values as a list)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
+    def warmup(self, name: str) -> int:
+        """The steps of warm-up ``name`` (a key of ``WARMUPS``): the value set, else the recipe's
+        fitted to --steps."""
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        recipe, share = WARMUPS[name]
+        return min(recipe, self.steps // share)
+
+    def with_warmups(self, checkpoint_config: Mapping[str, Any] | None = None) -> TrainConfig:
+        """This config with every warm-up set: an unset one to the checkpoint's (``--resume``: a run
+        extended with more --steps keeps its schedule), else to ``warmup``'s value. What a run
+        trains with and records."""
+        saved = checkpoint_config or {}
+        unset = [name for name in WARMUPS if getattr(self, name) is None]
+        return dataclasses.replace(
+            self, **{name: self.warmup(name) if saved.get(name) is None else saved[name] for name in unset}
+        )
+
+    def check_target_l0(self, d_sae: int) -> None:
+        """Refuse an L0 target that an SAE of ``d_sae`` features cannot usefully reach (a single run's)."""
+        if self.target_l0 is not None and self.target_l0 >= d_sae:
+            raise ConfigError(f"--target-l0 {self.target_l0:g} must be below the SAE's {d_sae} features (--d-sae)")
+
+    def long_warmups(self) -> list[str]:
+        """A line for each warm-up longer than the run (only a value set can be)."""
+        lines = []
+        lr_warmup, sparsity_warmup = self.warmup("lr_warmup_steps"), self.warmup("sparsity_warmup_steps")
+        if lr_warmup > self.steps:
+            lines.append(
+                f"--lr-warmup-steps {lr_warmup} is longer than the run (--steps {self.steps}): "
+                f"the lr rises for the whole run and ends at {self.steps / lr_warmup:.0%} of --lr"
+            )
+        if sparsity_warmup > self.steps and self.target_l0 is None:  # a target steers λ: no warm-up
+            lines.append(
+                f"--sparsity-warmup-steps {sparsity_warmup} is longer than the run (--steps {self.steps}): "
+                f"lambda rises for the whole run and ends at {(self.steps - 1) / sparsity_warmup:.0%} of --l0-coefficient"
+            )
+        return lines
+
     @property
     def swept(self) -> str | None:
         """The option given several values (the run is a sweep), or None for a single run."""
@@ -379,9 +437,11 @@ class TrainConfig:
             raise ConfigError(f"--max-tokens must be a positive integer (or unset), got {self.max_tokens}")
         if self.d_sae is not None and self.d_sae <= 0:
             raise ConfigError(f"--d-sae must be a positive integer, got {self.d_sae}")
-        for name in ("lr_warmup_steps", "sparsity_warmup_steps"):
-            if getattr(self, name) < 0:
+        for name in WARMUPS:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{fl(name)} must be >= 0, got {getattr(self, name)}")
+        if not self.out.strip():  # "" is the current folder to every file call
+            raise ConfigError("--out is empty: give the folder for the run's files, e.g. --out runs/mine")
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues the run in --out and --overwrite replaces it: give one of them")
         if self.checkpoint_every < 0:
@@ -414,6 +474,8 @@ class TrainConfig:
             raise ConfigError(f"--target-l0 must be a positive number, got {self.target_l0}")
         if self.target_l0 is not None and self.l0_coefficient <= 0:
             raise ConfigError("--target-l0 adapts lambda from --l0-coefficient, which must then be > 0")
+        if self.d_sae is not None:
+            self.check_target_l0(self.d_sae)
 
         for name, allowed in CHOICES.items():
             v = getattr(self, name)
@@ -451,6 +513,10 @@ def _field_type(name: str) -> tuple[type, bool]:
         return hint, False
     (base,) = (a for a in args if a is not type(None))
     return base, type(None) in args
+
+
+# The flags that take a value: every option but the on/off ones.
+_VALUE_FLAGS = {TrainConfig.flag(name) for name in _FIELDS if _field_type(name)[0] is not bool}
 
 
 def _short(value: float) -> str:
@@ -593,7 +659,9 @@ def build_parser(defaults: Mapping[str, Any] | None = None) -> argparse.Argument
         + ". A bare call, with neither --activations nor --model, runs the embedded default preset instead, "
         "offline: "
         + ", ".join(f"{TrainConfig.flag(k)} {v}" for k, v in EMBEDDED_DEFAULT.items())
-        + " (shown below as 'bare call: VALUE' next to each flag it sets); flags given override it.",
+        + " (shown below as 'bare call: VALUE' next to each flag it sets); flags given override it. "
+        "Warm-ups not set are the recipe's fitted to --steps (at most a twelfth and a third of it), in a bare "
+        "call too.",
     )
     parser.add_argument(
         "--config",
@@ -638,6 +706,29 @@ def _preparse(args: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     }
 
 
+def _negative_numbers_joined(args: Sequence[str]) -> list[str]:
+    """``--lr -1e-3`` as ``--lr=-1e-3``. argparse takes a value starting with '-' for a flag unless
+    it looks like -1 or -0.5, so ``-1e-3`` would end in "expected one argument"; joined, it reaches
+    the option's own check, which says what the value must be."""
+    joined: list[str] = []
+    for token in args:
+        if joined and joined[-1] in _VALUE_FLAGS and token.startswith("-") and _numbers(token):
+            joined[-1] = f"{joined[-1]}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
+def _numbers(text: str) -> bool:
+    """Whether ``text`` is a number or a comma-separated list of them."""
+    try:
+        for part in text.split(","):
+            float(part)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_args(argv: Sequence[str] | None = None, *, validate: bool = True) -> TrainConfig:
     """Parse command-line arguments (``sys.argv[1:]`` when None) into a TrainConfig.
 
@@ -646,7 +737,7 @@ def parse_args(argv: Sequence[str] | None = None, *, validate: bool = True) -> T
     given over everything. With ``validate=True`` (the default) the result is checked and
     ``ConfigError`` raised on bad values.
     """
-    args = sys.argv[1:] if argv is None else list(argv)
+    args = _negative_numbers_joined(sys.argv[1:] if argv is None else argv)
     file_values, chosen = _preparse(args)
     ns = build_parser({**defaults_for(**chosen), **file_values}).parse_args(args)
     values = {name: getattr(ns, name) for name in _FIELDS}

@@ -21,6 +21,7 @@ the process group and the collectives (it imports no SAE code, so the data pipel
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,12 @@ def init(device_name: str, shard_features: bool) -> tuple[Layout, torch.device]:
     """Join the process group torchrun set up (if any) and pick this rank's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
+        if shard_features:
+            print(
+                "warning: --shard-features splits the features across the ranks torchrun starts; "
+                "in a single process it does nothing",
+                file=sys.stderr,
+            )
         return Layout(), resolve_device(device_name)
     # torch.distributed.fsdp.sharded_grad_scaler takes `dist.group.WORLD` as a default argument
     # when it is imported, and torch._dynamo (which the optimizer imports) imports it. Imported

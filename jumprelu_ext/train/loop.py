@@ -24,7 +24,7 @@ from ..export import save_sae
 from ..files import atomic_write_bytes
 from . import distributed, sharding
 from .checkpoint import CHECKPOINT_NAME, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from .config import parse_args
+from .config import EMBEDDED_DEFAULT, parse_args
 from .data.prepare import prepare_data
 from .errors import UserError
 from .interrupt import StopRequest
@@ -84,9 +84,20 @@ def train(cfg, layout, device) -> int:
     if layout.is_main:
         check_logging_extras(cfg)
 
+    # ---------------------------------------------------------------- checkpoint (before any data is read)
+    checkpoint_path = out / CHECKPOINT_NAME
+    state = load_checkpoint(checkpoint_path) if cfg.resume and checkpoint_path.is_file() else None
+    if state is not None:
+        check_resumable(state["config"], cfg, state["step"])
+    cfg = cfg.with_warmups(state["config"] if state else None)  # what this run trains with and records
+    for line in cfg.long_warmups():
+        say(f"warning: {line}", file=sys.stderr)
+
     # ---------------------------------------------------------------- data
     data = prepare_data(cfg, device, layout)
     d_sae = cfg.d_sae or data.d_in * cfg.expansion_factor
+    for _, member_cfg in cfg.members():  # an L0 target the SAE cannot reach, now that its width is known
+        member_cfg.check_target_l0(d_sae)
     ranks = f", {layout.world_size} ranks, {layout.description}" if layout.world_size > 1 else ""
     say(
         f"training on {data.d_in}-dim activations ({data.train.describe()}, "
@@ -102,17 +113,15 @@ def train(cfg, layout, device) -> int:
 
     # ---------------------------------------------------------------- resume
     step = 0
-    checkpoint_path = out / CHECKPOINT_NAME
-    if cfg.resume and checkpoint_path.is_file():
-        state = load_checkpoint(checkpoint_path)  # memory-mapped on the CPU: a shard reads its part
-        check_resumable(state["config"], cfg)
+    if state is not None:  # memory-mapped on the CPU: a shard reads its part
         for member, member_state in zip(members, unpack_states(state, members, out)):
             member.load_state_dict(member_state, layout, d_sae)
         data.train.load_state_dict(state["data"])
         data.input_scale = state["input_scale"]
         restore_rng_state(state["rng"])
         step = state["step"]
-        say(f"resumed from {checkpoint_path} at step {step}")
+        done = ": the run is done, so it is only evaluated again" if step == cfg.steps else ""
+        say(f"resumed from {checkpoint_path} at step {step}{done}")
     elif cfg.resume:
         say(f"--resume: no checkpoint in {out}, starting at step 0")
     for member in members:
@@ -187,6 +196,9 @@ def train(cfg, layout, device) -> int:
     reports = [report(member, data, step, throughput, layout, device, d_sae) for member in members]
     if not layout.is_main or reports[0] is None:
         return 0
+    for member, results in zip(members, reports):
+        if results["l0"] > DENSE_RATE * d_sae:  # the average feature is dense: a failed SAE, whatever its FVU
+            say(f"warning: {not_sparse(member.name, results, d_sae)}", file=sys.stderr)
     if not cfg.swept:
         say(summary(reports[0], out))
         return 0
@@ -234,11 +246,25 @@ def report(member: Member, data, step: int, throughput: float, layout, device, d
     return results
 
 
+def not_sparse(name: str | None, results: dict, d_sae: int) -> str:
+    """Why a trained SAE is no use, and what helps."""
+    preset = EMBEDDED_DEFAULT
+    which = f"{name}: " if name else ""
+    return (
+        f"{which}the SAE is not sparse: held-out L0 {results['l0']:.0f} of its {d_sae} features, "
+        f"{results['dense_fraction']:.0%} of them dense. A longer run, a larger --l0-coefficient or a larger "
+        "--lr / --threshold-lr helps (log theta moves by about lr a step, docs/method.md#the-adam-rate-limit; "
+        f"the embedded preset trains in {preset['steps']} steps with --lr {preset['lr']:g} "
+        f"--threshold-lr {preset['threshold_lr']:g})"
+    )
+
+
 def _quiet(*args, **kwargs):
     pass
 
 
-def check_resumable(saved: dict, cfg) -> None:
+def check_resumable(saved: dict, cfg, step: int | None = None) -> None:
+    """Refuse a checkpoint (its config ``saved``, taken at ``step``) that this run cannot continue."""
     current = cfg.to_dict()
     for name in RESUME_MUST_MATCH:
         was = saved.get(name, BEFORE_THE_OPTION.get(name))
@@ -247,6 +273,11 @@ def check_resumable(saved: dict, cfg) -> None:
             raise UserError(
                 f"--resume: the checkpoint in {cfg.out} was made with {flag} {was}, this run has {flag} {current[name]}"
             )
+    if step is not None and step > cfg.steps:  # it cannot be undone; its report would say --steps
+        raise UserError(
+            f"--resume: the checkpoint in {cfg.out} is at step {step}, past --steps {cfg.steps}: "
+            f"give --steps {step} or more (--steps {step} evaluates it again)"
+        )
 
 
 @dataclass

@@ -40,7 +40,7 @@ def build_optimizer(sae, cfg):
         fused=theta.device.type in FUSED_ADAM_DEVICES,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.lr_warmup_steps, cfg.steps, cfg.lr_decay)
+        optimizer, lambda s: lr_factor(s, cfg.warmup("lr_warmup_steps"), cfg.steps, cfg.lr_decay)
     )
     return optimizer, scheduler
 

@@ -76,4 +76,4 @@ class TargetL0Controller:
 def sparsity_coefficient(cfg):
     if cfg.target_l0 is not None:
         return TargetL0Controller(cfg.target_l0, cfg.l0_coefficient)
-    return FixedCoefficient(cfg.l0_coefficient, cfg.sparsity_warmup_steps)
+    return FixedCoefficient(cfg.l0_coefficient, cfg.warmup("sparsity_warmup_steps"))

@@ -67,6 +67,12 @@ def _deprecated(old: str, new: str) -> type[argparse.Action]:
     return Deprecated
 
 
+def _folder(text: str) -> Path:
+    if not text.strip():  # Path("") is the current folder
+        raise argparse.ArgumentTypeError("an empty path: give the folder for the shards, e.g. --out acts/")
+    return Path(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -90,13 +96,14 @@ def _parser() -> argparse.ArgumentParser:
         "--dataset",
         default=EMBEDDED_DATASET,
         help=f"{EMBEDDED_DATASET!r} (bundled with Python), a .txt file (blank lines separate documents), "
-        "a .jsonl file (field 'text'), or a Hugging Face datasets name (split 'train', field 'text')",
+        "a .jsonl file (field 'text'), a .parquet file (column 'text'; needs pyarrow) or a folder of such files, "
+        "all UTF-8, or a Hugging Face datasets name (split 'train', field 'text')",
     )
     p.add_argument("--context-length", type=int, default=128, help="tokens per window, special tokens included")
     p.add_argument(
         "--out",
         required=True,
-        type=Path,
+        type=_folder,
         help="output folder (created); a folder this command was writing to is continued after its last complete shard",
     )
     p.add_argument(

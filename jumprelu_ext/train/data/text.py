@@ -6,6 +6,8 @@
   about 128k MiniLM tokens), one document per topic in sorted key order. Needs no download.
 - a local ``.txt`` file: documents are separated by one or more blank lines (paragraphs).
 - a local ``.jsonl`` file: one JSON object per line with a string field ``text``.
+- ``.txt`` and ``.jsonl`` files must be UTF-8: a byte that is not is a ``TextError`` naming the
+  file and the byte's offset (no guessing at another encoding, no silent replacement).
 - a local ``.parquet`` file with a string column ``text`` (needs pyarrow), read in record batches.
 - a local folder: every ``.txt`` / ``.jsonl`` / ``.parquet`` file under it, in path order.
 - anything else: a Hugging Face ``datasets`` name, read with split "train", field "text",
@@ -17,6 +19,7 @@ caller consumes it); ``start`` skips documents without tokenising them (resuming
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterator
 from itertools import islice
@@ -42,34 +45,62 @@ def _pydoc_topics() -> Iterator[str]:
         yield topics[key]
 
 
+def _utf8_lines(path: Path) -> Iterator[str]:
+    """The file's lines, read lazily as UTF-8; a byte that is not UTF-8 is a ``TextError``."""
+    with path.open(encoding="utf-8") as f:
+        try:
+            yield from f
+        except UnicodeDecodeError as e:
+            raise TextError(_not_utf8(path, e)) from e
+
+
+def _not_utf8(path: Path, error: UnicodeDecodeError) -> str:
+    """The one-line error for a file that is not UTF-8, naming the first bad byte's offset in the
+    file (the text reader decodes in blocks, so ``error`` only knows its place in one block)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as f:
+        try:
+            while block := f.read(1 << 20):
+                offset += len(block)
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as e:  # e.object: the bytes the decoder held back, then the block
+            where = f"byte 0x{e.object[e.start]:02x} at offset {offset - len(e.object) + e.start}"
+        else:  # the file changed since it was read
+            where = error.reason
+    return (
+        f"{path}: not UTF-8 text ({where}): convert it to UTF-8 first, "
+        f"e.g. for Latin-1: iconv -f latin1 -t utf-8 {path} > {path.with_name(path.stem + '.utf8' + path.suffix)}"
+    )
+
+
 def _txt_documents(path: Path) -> Iterator[str]:
     # Line by line, so a large file is never held whole: a blank line (spaces and tabs allowed)
     # ends a document.
     lines: list[str] = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip(_HORIZONTAL_SPACE + "\n"):
-                lines.append(line)
-            elif lines:
-                yield "".join(lines).strip()
-                lines = []
+    for line in _utf8_lines(path):
+        if line.strip(_HORIZONTAL_SPACE + "\n"):
+            lines.append(line)
+        elif lines:
+            yield "".join(lines).strip()
+            lines = []
     if lines:
         yield "".join(lines).strip()
 
 
 def _jsonl_documents(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TextError(f"{path}: line {number} is not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise TextError(f"{path}: line {number} has no string field 'text'")
-            if record["text"].strip():
-                yield record["text"]
+    for number, line in enumerate(_utf8_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TextError(f"{path}: line {number} is not valid JSON ({e.msg})") from e
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise TextError(f"{path}: line {number} has no string field 'text'")
+        if record["text"].strip():
+            yield record["text"]
 
 
 def _parquet_documents(path: Path) -> Iterator[str]:

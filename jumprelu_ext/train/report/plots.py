@@ -11,7 +11,9 @@ mean θ, the dead and dense fractions of the log window, the gradient norm befor
 span decades (loss, MSE, L0, FVU, grad norm, and θ or λ when they do) get log axes, and every
 panel's y range is fitted to the run after its first 10% of steps, so the warm-up's first
 points (loss and L0 far above where they settle) do not squash the rest into a line; points
-outside the range are drawn at its edge as open markers.
+outside the range are drawn at its edge as open markers. Every value is drawn inside its frame
+(a dead fraction of 0% or a dense one of 100% included) and every axis has at least two tick
+labels, however little its values move.
 """
 
 import math
@@ -88,6 +90,9 @@ PANELS = [
 ]
 LAMBDA_PANEL = ("λ (steered to the L0 target)", "λ (--l0-coefficient)", [("l0_coefficient", "λ")], "auto")
 PERCENT_KEYS = {"dead_fraction", "dense_fraction"}
+# The percent panel's y range: 0% and 100% inside the frame, not on it (symlog: about 4% of the
+# height below 0 and above 100).
+PERCENT_LIMITS = (-0.03, 160.0)
 
 
 def _plain(value, _position=None):
@@ -104,6 +109,15 @@ def _minor(value, _position=None):
 
 def _no_label(value, _position=None):
     return ""
+
+
+def _log_labels_within(low, high):
+    """How many ticks a log axis from ``low`` to ``high`` labels: powers of ten, and 2, 3 and 5
+    times them (the minor labels, ``_minor``)."""
+    count = 0
+    for exponent in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1):
+        count += sum(low <= m * 10.0**exponent <= high for m in (1, 2, 3, 5))
+    return count
 
 
 def _series(rows, key):
@@ -177,8 +191,9 @@ def plot_curves(metrics_rows, path, max_grad_norm=None, target_l0=None):
             marks.append((max_grad_norm, f"clipped above {max_grad_norm:g}"))
         points = [(x, y) for _, xs, ys in curves for x, y in zip(xs, ys)]
         limits = None if percent else _y_range(points, log, extra=[v for v, _ in marks])
-        for label, xs, ys in curves:
-            (line,) = ax.plot(xs, ys, label=label, linewidth=1.3)
+        for k, (label, xs, ys) in enumerate(curves):
+            # the second curve dashed: two equal curves (0% dead and 0% dense) are both seen
+            (line,) = ax.plot(xs, ys, label=label, linewidth=1.3, linestyle="-" if k == 0 else "--")
             if limits is not None:  # points outside the fitted range: open markers at its edge
                 lo, hi = limits
                 off = [(x, min(max(y, lo), hi)) for x, y in zip(xs, ys) if not lo <= y <= hi]
@@ -191,9 +206,14 @@ def plot_curves(metrics_rows, path, max_grad_norm=None, target_l0=None):
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(_plain)  # 0.3, not 3×10⁻¹
             ax.yaxis.set_minor_formatter(_minor if limits and limits[1] / limits[0] < 300 else _no_label)
+            if limits and _log_labels_within(*limits) < 2:  # e.g. L0 from 1,500 to 1,600: evenly spaced labels
+                from matplotlib.ticker import MaxNLocator, NullFormatter
+
+                ax.yaxis.set_major_locator(MaxNLocator(nbins=4))
+                ax.yaxis.set_minor_formatter(NullFormatter())
         if percent:
             ax.set_yscale("symlog", linthresh=0.1, linscale=0.5)
-            ax.set_ylim(0, 100)
+            ax.set_ylim(*PERCENT_LIMITS)
             ax.set_yticks([0, 0.1, 1, 10, 100])
             ax.yaxis.set_major_formatter(_plain)
         if limits is not None:
