@@ -32,6 +32,13 @@ def cli(argv, capsys):
     return status, captured.out, captured.err
 
 
+def train_on_rows(tmp_path, capsys, *extra):
+    """The 4-step run on 1,000 random rows, in tmp_path/run: (status, stdout, stderr)."""
+    path = tmp_path / "acts.npy"
+    np.save(path, rows())
+    return cli(flags(path, tmp_path / "run", *extra), capsys)
+
+
 def one_error_line(err):
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
@@ -110,9 +117,7 @@ def test_all_nan_held_out_rows_name_the_file(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_warmup_longer_than_the_run_is_a_warning(tmp_path, capsys):
-    path = tmp_path / "acts.npy"
-    np.save(path, rows())
-    status, _, err = cli(flags(path, tmp_path / "run", "--sparsity-warmup-steps", "100"), capsys)
+    status, _, err = train_on_rows(tmp_path, capsys, "--sparsity-warmup-steps", "100")
     assert status == 0, err
     assert "warning: --sparsity-warmup-steps 100 is longer than the run (--steps 4)" in err
 
@@ -120,9 +125,7 @@ def test_a_warmup_longer_than_the_run_is_a_warning(tmp_path, capsys):
 @pytest.mark.slow
 def test_an_sae_that_is_not_sparse_is_a_warning(tmp_path, capsys):
     """No sparsity penalty: the run succeeds, but its SAE is no use, and the report says so."""
-    path = tmp_path / "acts.npy"
-    np.save(path, rows())
-    status, out, err = cli(flags(path, tmp_path / "run", "--l0-coefficient", "0"), capsys)
+    status, out, err = train_on_rows(tmp_path, capsys, "--l0-coefficient", "0")
     assert status == 0, err
     l0 = json.loads((tmp_path / "run" / "eval.json").read_text())["l0"]
     assert l0 > 0.1 * 32
