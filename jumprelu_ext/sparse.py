@@ -91,8 +91,8 @@ def sparse_encode(
 ) -> SparseActs:
     """JumpReLU_θ(x @ W_enc + b_enc) as ``SparseActs``: x [rows, d_in], W_enc [d_in, F] and b_enc
     [F] in one dtype; θ [F] float32 or that dtype. Gradients as the dense ``jumprelu_l0``'s, for
-    x, W_enc, b_enc and θ. ``chunk_rows``: rows per encoder product (0: about 8M elements of pre
-    on the CPU, 128M on a GPU). ``fire_counts`` as in ``jumprelu_l0``."""
+    x, W_enc, b_enc and θ. ``chunk_rows``: rows per encoder product (0: automatic, tiles of about
+    8M elements of pre on the CPU, chunks of 128M on a GPU; docs/ops.md#row-chunks). ``fire_counts`` as in ``jumprelu_l0``."""
     check_encoder_inputs(x, W_enc, b_enc, threshold, bandwidth, ste_to_input, fire_counts)
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 0:
         raise ValueError(f"sparse_encode: chunk_rows must be an int >= 0 (0: automatic), got {chunk_rows!r}")
