@@ -29,11 +29,17 @@ inline at::ScalarType compute_dtype(at::ScalarType t) {
 // on the CPU packs) its slice of W_enc: at d_sae 262,144, 32-row chunks spent longer on that than
 // on the product. On the CPU, whole-batch tiles of 2,048 features ran the product 7-8% faster
 // than 512-row chunks of every feature.
+// The features of one tile (at least 1, so that a 0-feature SAE still gets its one empty tile).
+template <typename K>
+int64_t tile_width(int64_t features) {
+  return std::max<int64_t>(1,
+                           K::tile_features > 0 ? std::min(features, K::tile_features) : features);
+}
+
 template <typename K>
 int64_t default_chunk_rows(const at::Tensor& x, int64_t features) {
   const int64_t budget = x.is_cuda() ? (int64_t{1} << 27) : (int64_t{1} << 23);
-  const int64_t width = K::tile_features > 0 ? std::min(features, K::tile_features) : features;
-  return std::max<int64_t>(512, budget / std::max<int64_t>(width, 1));
+  return std::max<int64_t>(512, budget / tile_width<K>(features));
 }
 
 // One chunk's tiles (in feature order) as one support: per row, the tiles' entries in tile order,
@@ -136,8 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_en
   select.bandwidth = bandwidth;
   if (fire_counts.defined()) check_fire_counts(op, fire_counts, RowView{rows, features, {}}, x);
   if (chunk_rows == 0) chunk_rows = default_chunk_rows<K>(x, features);
-  const int64_t tile_features =
-      std::max<int64_t>(1, K::tile_features > 0 ? std::min(features, K::tile_features) : features);
+  const int64_t tile_features = tile_width<K>(features);
   const at::Tensor xc = x.contiguous(), wc = W_enc.contiguous();
   const at::Tensor theta = threshold.contiguous(), bias = b_enc.contiguous();
   at::Tensor buffer;

@@ -164,7 +164,6 @@ Support select_kernel(const SelectArgs& a) {
   // Tasks of about kGrainSize entries: the usual few entries per row are copied inline.
   const int64_t copy_grain = std::max<int64_t>(1, blocks * kGrainSize / std::max<int64_t>(nnz, 1));
   at::parallel_for(0, blocks, copy_grain, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> found(features / kSkip);
     for (int64_t b = begin; b < end; ++b) {
       Entries<acc_t>& e = entries[b];
       const size_t n = e.indices.size();
