@@ -93,14 +93,16 @@ def measure(impl: str, d_in: int, d_sae: int, batch: int, device: torch.device, 
         sparse.append(out.metrics.get("jumprelu_ext/sparse_step", 0.0))
         l0s.append(out.losses["l0_loss"].item())  # the "step" penalty with coefficient 1: the mean L0
 
-    before = _status_mib("VmRSS")
+    before = harness.process_status_mib("VmRSS")
     for _ in range(plan.warmup):  # auto measures the support here, and may take a dense step
         step()
     reset = _reset_peak_resident()
     ms, reps = harness.measure_ms(step, device, harness.TimingPlan(0, plan.min_reps, plan.max_reps, 0.0))
     peak = harness.peak_memory_mib(step, device)
     if peak is None:  # CPU: the high-water mark over the timed steps above the resident set before the first
-        peak = (_status_mib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024) - before
+        peak = (
+            harness.process_status_mib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        ) - before
     timed = slice(plan.warmup, plan.warmup + reps)
     return {
         "impl": impl,
@@ -115,13 +117,6 @@ def measure(impl: str, d_in: int, d_sae: int, batch: int, device: torch.device, 
         "l0": sum(l0s[timed]) / max(len(l0s[timed]), 1),
         "sparse_share": sum(sparse[timed]) / max(len(sparse[timed]), 1) if impl != "saelens" else None,
     }
-
-
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _reset_peak_resident() -> bool:

@@ -132,19 +132,12 @@ def measure_path(path: str, d_in: int, d_sae: int, batch: int, device, precision
     sae = realistic_sae(d_in, d_sae, x, l0, bandwidth, path)
     measured_l0, window = support_fractions(sae, x)
     step = make_step(sae, x, precision)
-    before = _resident_mib()
+    before = harness.process_status_mib("VmRSS")
     ms, reps = harness.measure_ms(step, x.device, PLAN)
     peak = harness.peak_memory_mib(step, x.device)
     if peak is None:  # CPU: the process's high-water mark above its resident set before the first step
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
     return record(path, d_in, d_sae, x, precision, ms, peak, reps, l0=measured_l0, window_fraction=window)
-
-
-def _resident_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def measure_path_alone(args, path: str, d_sae: int, precision: str, l0: float) -> dict[str, object]:

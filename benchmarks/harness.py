@@ -84,6 +84,14 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | N
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
+def process_status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (Linux: VmRSS, VmHWM) in MiB; 0 if the field is missing."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def environment(device: torch.device) -> dict[str, object]:
     """What a reader needs to compare runs: device, torch, threads, date."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
