@@ -13,7 +13,7 @@ from test_train import small_run_flags
 
 from jumprelu_ext import JumpReLUSAE
 from jumprelu_ext.train import loop as train
-from jumprelu_ext.train.config import PAPER_RECIPE, TrainConfig, parse_args
+from jumprelu_ext.train.config import PAPER_RECIPE, ConfigError, TrainConfig, parse_args
 from jumprelu_ext.train.distributed import Layout
 from jumprelu_ext.train.optimizer import (
     build_optimizer,
@@ -253,6 +253,28 @@ def test_a_checkpoint_from_before_centring_resumes_only_uncentred():
     with pytest.raises(train.UserError, match="made with --apply-b-dec-to-input False, this run has .*True"):
         train.check_resumable(saved, cfg)
     train.check_resumable(saved, parse_args(["--activations", "a.npy", "--no-apply-b-dec-to-input"]))
+
+
+def test_adam_betas_reach_the_optimizer_and_bad_ones_are_refused():
+    cfg = parse_args(["--activations", "a.npy", "--adam-beta1", "0.9", "--adam-beta2", "0.99"])
+    optimizer, _ = build_optimizer(JumpReLUSAE(D_IN, 32), cfg)
+    assert [g["betas"] for g in optimizer.param_groups] == [(0.9, 0.99)] * 2
+    default = build_optimizer(JumpReLUSAE(D_IN, 32), parse_args(["--activations", "a.npy"]))[0]
+    assert default.param_groups[0]["betas"] == (0.0, 0.999)  # the paper's, as before the flags
+    for flag, value in (("--adam-beta1", "1"), ("--adam-beta2", "-0.1")):
+        with pytest.raises(ConfigError, match=f"{flag} must be in \\[0, 1\\), got {float(value)}"):
+            parse_args(["--activations", "a.npy", flag, value])
+
+
+def test_a_resumed_run_keeps_its_adam_betas():
+    """A resumed Adam takes its betas from the checkpoint, so a change is refused, not ignored;
+    a checkpoint from before the flags was trained with the paper's (0, 0.999)."""
+    cfg = parse_args(["--activations", "a.npy"])
+    saved = cfg.to_dict()
+    with pytest.raises(train.UserError, match="made with --adam-beta2 0.999, this run has --adam-beta2 0.99"):
+        train.check_resumable(saved, parse_args(["--activations", "a.npy", "--adam-beta2", "0.99"]))
+    del saved["adam_beta1"], saved["adam_beta2"]
+    train.check_resumable(saved, cfg)
 
 
 def test_config_names_the_new_flags():

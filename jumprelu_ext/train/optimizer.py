@@ -26,14 +26,14 @@ def threshold_lr(cfg) -> float:
 
 
 def build_optimizer(sae, cfg):
-    """Adam (β1 = 0, β2 = 0.999, eps 1e-8) with θ in its own group (``threshold_lr``), and the
+    """Adam (``--adam-beta1``, ``--adam-beta2``, eps 1e-8) with θ in its own group (``threshold_lr``), and the
     warm-up / decay schedule applied to both groups."""
     theta = threshold_parameter(sae)
     weights = [p for p in sae.parameters() if p is not theta]
     optimizer = torch.optim.Adam(
         [{"params": weights}, {"params": [theta], "lr": threshold_lr(cfg)}],
         lr=cfg.lr,
-        betas=(0.0, 0.999),
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=1e-8,
         # One pass over each parameter instead of several: on the CPU 6x faster at d_sae 65,536,
         # where the sparse step leaves Adam a large share of the step (docs/ops.md#the-sparse-step).
