@@ -651,11 +651,14 @@ def plot(results: list[dict], path: Path, title: str, highlight: set[str]) -> No
         a.grid(True, which="both", alpha=0.3)
     for a in axes[-1]:
         a.set_xlabel("L0 (mean active features per token, held out)")
-    # Outside the axes, so no point is hidden.
-    fig.legend(handles.values(), handles.keys(), loc="center right", fontsize=8, ncol=columns)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1 - 3 * columns / width, 0.97))
-    fig.savefig(path, dpi=120)
+    right = 1 - 3 * columns / width
+    fig.tight_layout(rect=(0, 0, right, 0.97))
+    # Outside the axes, so no point is hidden; beside them, and the empty margin cropped.
+    fig.legend(
+        handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(right, 0.5), fontsize=8, ncol=columns
+    )
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
