@@ -259,12 +259,9 @@ def test_adam_betas_reach_the_optimizer_and_bad_ones_are_refused():
     cfg = parse_args(["--activations", "a.npy", "--adam-beta1", "0.9", "--adam-beta2", "0.99"])
     optimizer, _ = build_optimizer(JumpReLUSAE(D_IN, 32), cfg)
     assert [g["betas"] for g in optimizer.param_groups] == [(0.9, 0.99)] * 2
-    cfg = parse_args(["--activations", "a.npy", "--adam-beta1", "0.9", "--threshold-adam-beta1", "0"])
-    optimizer, _ = build_optimizer(JumpReLUSAE(D_IN, 32), cfg)
-    assert [g["betas"] for g in optimizer.param_groups] == [(0.9, 0.999), (0.0, 0.999)]  # weights, θ
     default = build_optimizer(JumpReLUSAE(D_IN, 32), parse_args(["--activations", "a.npy"]))[0]
     assert default.param_groups[0]["betas"] == (0.0, 0.999)  # the paper's, as before the flags
-    for flag, value in (("--adam-beta1", "1"), ("--adam-beta2", "-0.1"), ("--threshold-adam-beta1", "2")):
+    for flag, value in (("--adam-beta1", "1"), ("--adam-beta2", "-0.1")):
         with pytest.raises(ConfigError, match=f"{flag} must be in \\[0, 1\\), got {float(value)}"):
             parse_args(["--activations", "a.npy", flag, value])
 
@@ -276,7 +273,7 @@ def test_a_resumed_run_keeps_its_adam_betas():
     saved = cfg.to_dict()
     with pytest.raises(train.UserError, match="made with --adam-beta2 0.999, this run has --adam-beta2 0.99"):
         train.check_resumable(saved, parse_args(["--activations", "a.npy", "--adam-beta2", "0.99"]))
-    del saved["adam_beta1"], saved["adam_beta2"], saved["threshold_adam_beta1"]
+    del saved["adam_beta1"], saved["adam_beta2"]
     train.check_resumable(saved, cfg)
 
 

@@ -101,7 +101,6 @@ PAPER_RECIPE: dict[str, Any] = {
     "lr": 7e-5,
     "adam_beta1": 0.0,
     "adam_beta2": 0.999,
-    "threshold_adam_beta1": None,
     "lr_warmup_steps": 1000,
     "lr_decay": "none",
     "sparsity_warmup_steps": 10_000,
@@ -220,11 +219,6 @@ class TrainConfig:
     lr: float = _f(7e-5, "Adam learning rate (--adam-beta1, --adam-beta2, eps=1e-8)")
     adam_beta1: float = _f(0.0, "Adam's beta1, the gradient's moving average (the paper: 0; SAELens's default: 0.9)")
     adam_beta2: float = _f(0.999, "Adam's beta2, the squared gradient's moving average (the paper: 0.999)")
-    threshold_adam_beta1: float | None = _f(
-        None,
-        "Adam's beta1 for theta alone; unset = --adam-beta1. theta gets no gradient once it is more than the "
-        "bandwidth above every pre-activation, and momentum would carry it there and on",
-    )
     lr_warmup_steps: int | None = _f(
         None,
         "steps of linear learning-rate warm-up from ~0 to --lr; unset: the recipe's 1000, at most --steps // 12 "
@@ -459,8 +453,8 @@ class TrainConfig:
 
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
-        for name in ("adam_beta1", "adam_beta2", "threshold_adam_beta1"):
-            if getattr(self, name) is not None and not (0.0 <= getattr(self, name) < 1.0):
+        for name in ("adam_beta1", "adam_beta2"):
+            if not (0.0 <= getattr(self, name) < 1.0):
                 raise ConfigError(f"{fl(name)} must be in [0, 1), got {getattr(self, name)}")
         if self.threshold_lr is not None and not (math.isfinite(self.threshold_lr) and self.threshold_lr > 0):
             raise ConfigError(f"--threshold-lr must be a positive number (or unset), got {self.threshold_lr}")

@@ -57,15 +57,9 @@ RESUME_MUST_MATCH = (
     "apply_b_dec_to_input",
     "adam_beta1",  # a resumed Adam keeps its checkpoint's betas: a change would be silently ignored
     "adam_beta2",
-    "threshold_adam_beta1",
 )
 # What checkpoints written before an option existed were trained with.
-BEFORE_THE_OPTION = {
-    "apply_b_dec_to_input": False,
-    "adam_beta1": 0.0,
-    "adam_beta2": 0.999,
-    "threshold_adam_beta1": None,
-}
+BEFORE_THE_OPTION = {"apply_b_dec_to_input": False, "adam_beta1": 0.0, "adam_beta2": 0.999}
 
 
 def main(argv=None) -> int:

@@ -26,16 +26,12 @@ def threshold_lr(cfg) -> float:
 
 
 def build_optimizer(sae, cfg):
-    """Adam (``--adam-beta1``, ``--adam-beta2``, eps 1e-8) with θ in its own group (``threshold_lr``,
-    ``--threshold-adam-beta1``), and the warm-up / decay schedule applied to both groups."""
+    """Adam (``--adam-beta1``, ``--adam-beta2``, eps 1e-8) with θ in its own group (``threshold_lr``), and the
+    warm-up / decay schedule applied to both groups."""
     theta = threshold_parameter(sae)
     weights = [p for p in sae.parameters() if p is not theta]
-    theta_beta1 = cfg.adam_beta1 if cfg.threshold_adam_beta1 is None else cfg.threshold_adam_beta1
     optimizer = torch.optim.Adam(
-        [
-            {"params": weights},
-            {"params": [theta], "lr": threshold_lr(cfg), "betas": (theta_beta1, cfg.adam_beta2)},
-        ],
+        [{"params": weights}, {"params": [theta], "lr": threshold_lr(cfg)}],
         lr=cfg.lr,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=1e-8,
