@@ -57,8 +57,11 @@ def assert_steps_equal(sae, x, dtype=torch.float32, **loss_kwargs):
     sparse_values, sparse_grads, sparse = step_results(sae, x, "sparse", **dict(loss_kwargs))
     assert dense.step == "dense" and sparse.step == "sparse"
     atol, rtol = TOL[dtype]
+    # The loss's terms are reduced in fp32 whatever the dtype (JumpReLUSAE.loss), in another order on
+    # each path (a dense row sum against index_add over the support): fp32's tolerance, not fp64's.
+    value_atol, value_rtol = TOL[torch.float32]
     for key in dense_values:
-        torch.testing.assert_close(sparse_values[key], dense_values[key], atol=atol, rtol=rtol, msg=key)
+        torch.testing.assert_close(sparse_values[key], dense_values[key], atol=value_atol, rtol=value_rtol, msg=key)
     for name, grad in dense_grads.items():
         if grad is None:
             assert sparse_grads[name] is None or not sparse_grads[name].any(), name
