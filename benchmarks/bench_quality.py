@@ -44,8 +44,8 @@ What it does (issue 10, deliverable 1):
    Everything the issue does not fix is SAELens's own default (decoder rows of norm 0.1,
    b_dec subtracted from the input, no decoder-norm constraint, grad-norm clipping at 1.0).
    ``--saelens-configs`` picks its optimizer: ``matched`` (the shared Adam β1 0 and lr, label
-   ``saelens``), ``b0.9-lr3e-4`` (SAELens's own defaults) and ``b0.9-lr1e-3`` (labels
-   ``saelens-CONFIG``); only β1 and lr change. ``--lambdas-saelens`` is the λ list of every
+   ``saelens``), ``b0.9-lr3e-4`` (SAELens's own defaults), ``b0.9-lr1e-3`` and ``b0.9-lr2e-3``
+   (labels ``saelens-CONFIG``); only β1 and lr change. ``--lambdas-saelens`` is the λ list of every
    configuration, ``--lambdas-saelens-config CONFIG=λ,...`` replaces it for one.
 4. One evaluation function for both: each SAE is loaded from its SAELens-layout folder with
    ``sae_lens.SAE.load_from_disk`` and run over the held-out file: FVU = Σ‖x − x̂‖² / Σ‖x − μ‖²
@@ -102,6 +102,7 @@ SAELENS_CONFIGS = {
     "matched": {"adam_beta1": 0.0, "lr": None, "look": ("black", "-", "o")},
     "b0.9-lr3e-4": {"adam_beta1": 0.9, "lr": 3e-4, "look": ("0.4", "--", "^")},
     "b0.9-lr1e-3": {"adam_beta1": 0.9, "lr": 1e-3, "look": ("0.6", "-.", "s")},
+    "b0.9-lr2e-3": {"adam_beta1": 0.9, "lr": 2e-3, "look": ("0.75", ":", "D")},
 }
 
 
@@ -147,7 +148,8 @@ def parse_args(argv=None):
         default=["matched"],
         choices=list(SAELENS_CONFIGS),
         help="SAELens's optimizer settings to run: matched = the shared Adam β1 0 and --lr (label saelens); "
-        "b0.9-lr3e-4 = SAELens's own defaults, b0.9-lr1e-3 = β1 0.9 at lr 1e-3 (labels saelens-CONFIG)",
+        "b0.9-lr3e-4 = SAELens's own defaults, b0.9-lr1e-3 / b0.9-lr2e-3 = β1 0.9 at lr 1e-3 / 2e-3 "
+        "(labels saelens-CONFIG)",
     )
     p.add_argument(
         "--lambdas-saelens-config",
