@@ -57,10 +57,10 @@ def assert_steps_equal(sae, x, dtype=torch.float32, **loss_kwargs):
     sparse_values, sparse_grads, sparse = step_results(sae, x, "sparse", **dict(loss_kwargs))
     assert dense.step == "dense" and sparse.step == "sparse"
     atol, rtol = TOL[dtype]
-    # The loss's terms are reduced in fp32 whatever the dtype (JumpReLUSAE.loss), in another order on
-    # each path (a dense row sum against index_add over the support): fp32's tolerance, not fp64's.
-    value_atol, value_rtol = TOL[torch.float32]
+    # The loss's terms are reduced in fp32 whatever the SAE's dtype (JumpReLUSAE.loss), in another order
+    # on each path (a dense row sum against index_add over the support): each value's own dtype's tolerance.
     for key in dense_values:
+        value_atol, value_rtol = TOL[dense_values[key].dtype]
         torch.testing.assert_close(sparse_values[key], dense_values[key], atol=value_atol, rtol=value_rtol, msg=key)
     for name, grad in dense_grads.items():
         if grad is None:
