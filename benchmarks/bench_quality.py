@@ -45,7 +45,10 @@ What it does (issue 10, deliverable 1):
    b_dec subtracted from the input, no decoder-norm constraint, grad-norm clipping at 1.0).
    ``--saelens-configs`` picks its optimizer: ``matched`` (the shared Adam β1 0 and lr, label
    ``saelens``), ``b0.9-lr3e-4`` (SAELens's own defaults), ``b0.9-lr1e-3`` and ``b0.9-lr2e-3``
-   (labels ``saelens-CONFIG``); only β1 and lr change. ``--lambdas-saelens`` is the λ list of every
+   (labels ``saelens-CONFIG``); only β1 and lr change. ``matched-tail`` and ``b0.9-lr1e-3-tail``
+   add SAELens's own linear lr decay to 0 (``lr_decay_steps``) over the last 20% of the steps,
+   our recipe's tail, so that the schedule is no longer a difference between the trainers
+   (SAELens's training tutorial sets lr_decay_steps to a fifth of the steps too). ``--lambdas-saelens`` is the λ list of every
    configuration, ``--lambdas-saelens-config CONFIG=λ,...`` replaces it for one.
 4. One evaluation function for both: each SAE is loaded from its SAELens-layout folder with
    ``sae_lens.SAE.load_from_disk`` and run over the held-out file: FVU = Σ‖x − x̂‖² / Σ‖x − μ‖²
@@ -95,14 +98,18 @@ HELDOUT_RUNS, HELDOUT_RUN_ROWS = 16, 512
 # 0.0002 / 0.0008 / 0.0024 (benchmarks/RESULTS.md).
 DEFAULT_LAMBDAS = {"ours": [0.0005, 0.0012, 0.0032, 0.004], "saelens": [0.0004, 0.0008, 0.0016, 0.0032]}
 
-# SAELens's optimizer (--saelens-configs): Adam β1 and lr (None: the shared --lr); everything else
-# stays the shared setting. "matched" is the shared setting itself; "b0.9-lr3e-4" is SAELens's
-# own default. look: (grey, line style, marker) of its frontier in the plot.
+# SAELens's optimizer (--saelens-configs): Adam β1, lr (None: the shared --lr) and decay ("tail":
+# its own scheduler's lr_decay_steps set to our recipe's tail, a linear decay to 0 over the last
+# 20% of the steps; "none": constant); everything else stays the shared setting. "matched" is
+# the shared setting itself; "b0.9-lr3e-4" is SAELens's own default. look: (grey, line style,
+# marker) of its frontier in the plot.
 SAELENS_CONFIGS = {
-    "matched": {"adam_beta1": 0.0, "lr": None, "look": ("black", "-", "o")},
-    "b0.9-lr3e-4": {"adam_beta1": 0.9, "lr": 3e-4, "look": ("0.4", "--", "^")},
-    "b0.9-lr1e-3": {"adam_beta1": 0.9, "lr": 1e-3, "look": ("0.6", "-.", "s")},
-    "b0.9-lr2e-3": {"adam_beta1": 0.9, "lr": 2e-3, "look": ("0.75", ":", "D")},
+    "matched": {"adam_beta1": 0.0, "lr": None, "decay": "none", "look": ("black", "-", "o")},
+    "b0.9-lr3e-4": {"adam_beta1": 0.9, "lr": 3e-4, "decay": "none", "look": ("0.4", "--", "^")},
+    "b0.9-lr1e-3": {"adam_beta1": 0.9, "lr": 1e-3, "decay": "none", "look": ("0.6", "-.", "s")},
+    "b0.9-lr2e-3": {"adam_beta1": 0.9, "lr": 2e-3, "decay": "none", "look": ("0.75", ":", "D")},
+    "matched-tail": {"adam_beta1": 0.0, "lr": None, "decay": "tail", "look": ("black", ":", "v")},
+    "b0.9-lr1e-3-tail": {"adam_beta1": 0.9, "lr": 1e-3, "decay": "tail", "look": ("0.6", ":", "P")},
 }
 
 
@@ -410,15 +417,37 @@ def run_ours(args, train: Path, steps: int, lam: float, out: Path) -> dict:
     return {"train_tokens_per_s": tps, "process_wall_s": wall, "eval_json": evaluation}
 
 
+def saelens_trainer_config(args, steps: int, config: str):
+    """SAELens's SAETrainerConfig for one run: the shared schedule with the configuration's
+    optimizer; its feature-sampling windows span the run (no resampling of dead features)."""
+    from sae_lens.config import SAETrainerConfig
+
+    from jumprelu_ext.train.schedules import TAIL_FRACTION
+
+    s = schedule(args, steps)
+    optimizer = SAELENS_CONFIGS[config]
+    lr = s["lr"] if optimizer["lr"] is None else optimizer["lr"]
+    return SAETrainerConfig(
+        total_training_samples=steps * args.batch_size,
+        train_batch_size_samples=args.batch_size,
+        lr=lr,
+        lr_end=lr,
+        lr_warm_up_steps=s["lr_warmup_steps"],
+        lr_decay_steps=round(TAIL_FRACTION * steps) if optimizer["decay"] == "tail" else 0,
+        adam_beta1=optimizer["adam_beta1"],
+        adam_beta2=0.999,
+        device=args.device,
+        dead_feature_window=steps,
+        feature_sampling_window=steps + 1,
+    )
+
+
 def run_saelens(args, train: Path, steps: int, lam: float, out: Path, config: str) -> dict:
     from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
-    from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
     open_activations, split_holdout, ShuffledBatches, estimate_scale = our_data_order()
     s = schedule(args, steps)
-    optimizer = SAELENS_CONFIGS[config]
-    lr = s["lr"] if optimizer["lr"] is None else optimizer["lr"]
     store = open_activations(train)
     train_idx, _ = split_holdout(store, args.eval_fraction, args.seed)  # the rows our trainer trains on
     batches = ShuffledBatches(store, args.batch_size, args.seed, args.device, indices=train_idx)
@@ -442,18 +471,7 @@ def run_saelens(args, train: Path, steps: int, lam: float, out: Path, config: st
         jumprelu_ste_to_input=args.saelens_ste_to_input,
     )
     sae = JumpReLUTrainingSAE(cfg)
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=steps * args.batch_size,
-        train_batch_size_samples=args.batch_size,
-        lr=lr,
-        lr_end=lr,
-        lr_warm_up_steps=s["lr_warmup_steps"],
-        adam_beta1=optimizer["adam_beta1"],
-        adam_beta2=0.999,
-        device=args.device,
-        dead_feature_window=steps,
-        feature_sampling_window=steps + 1,
-    )
+    trainer_cfg = saelens_trainer_config(args, steps, config)
     trainer = SAETrainer(trainer_cfg, sae, provider())
     t0 = time.perf_counter()
     trainer.fit()
@@ -464,8 +482,9 @@ def run_saelens(args, train: Path, steps: int, lam: float, out: Path, config: st
         "train_tokens_per_s": steps * args.batch_size / seconds,
         "input_scale": scale,
         "saelens_config": config,
-        "lr": lr,
-        "adam_beta1": optimizer["adam_beta1"],
+        "lr": trainer_cfg.lr,
+        "adam_beta1": trainer_cfg.adam_beta1,
+        "lr_decay": SAELENS_CONFIGS[config]["decay"],
     }
 
 

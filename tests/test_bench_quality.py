@@ -285,3 +285,31 @@ def test_a_configuration_reaches_saelens_optimizer(tmp_path, monkeypatch):
     args = bq.parse_args(["--d-sae", "16", "--batch-size", "64", "--lr-warmup-steps", "1", "--threads", "1"])
     bq.run_saelens(args, train, 3, 0.001, tmp_path / "sae", "b0.9-lr3e-4")
     assert seen[0]["betas"] == (0.9, 0.999) and seen[0]["lr"] == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize(
+    ("config", "decay"), [("matched", "none"), ("matched-tail", "tail"), ("b0.9-lr1e-3-tail", "tail")]
+)
+def test_saelens_lr_follows_our_schedule_with_the_configurations_decay(config, decay):
+    """SAELens's own scheduler, built from the configuration, gives our lr_factor at every step:
+    the "-tail" configurations decay over exactly our recipe's tail, the others stay constant."""
+    pytest.importorskip("sae_lens")
+    from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    from jumprelu_ext.train.schedules import lr_factor
+
+    steps = 50
+    args = bq.parse_args(["--lr-warmup-steps", "5", "--batch-size", "4"])
+    cfg = bq.saelens_trainer_config(args, steps, config)
+    assert cfg.adam_beta1 == bq.SAELENS_CONFIGS[config]["adam_beta1"]
+    sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=4, d_sae=8, device="cpu"))
+    trainer = SAETrainer(cfg, sae, iter(()))
+    seen = []
+    for _ in range(steps):
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    expected = [cfg.lr * lr_factor(step, 5, steps, decay) for step in range(steps)]
+    assert seen == pytest.approx(expected, abs=1e-12)
+    assert (seen[-1] < 0.5 * cfg.lr) == (decay == "tail")  # the last step is in the tail
