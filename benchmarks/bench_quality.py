@@ -48,8 +48,9 @@ What it does (issue 10, deliverable 1):
    (labels ``saelens-CONFIG``); only β1 and lr change. ``matched-tail`` and ``b0.9-lr1e-3-tail``
    add SAELens's own linear lr decay to 0 (``lr_decay_steps``) over the last 20% of the steps,
    our recipe's tail, so that the schedule is no longer a difference between the trainers
-   (SAELens's training tutorial sets lr_decay_steps to a fifth of the steps too). ``--lambdas-saelens`` is the λ list of every
-   configuration, ``--lambdas-saelens-config CONFIG=λ,...`` replaces it for one.
+   (SAELens's training tutorial sets lr_decay_steps to a fifth of the steps too).
+   ``--lambdas-saelens`` is the λ list of every configuration, ``--lambdas-saelens-config
+   CONFIG=λ,...`` replaces it for one.
 4. One evaluation function for both: each SAE is loaded from its SAELens-layout folder with
    ``sae_lens.SAE.load_from_disk`` and run over the held-out file: FVU = Σ‖x − x̂‖² / Σ‖x − μ‖²
    (μ the held-out mean), L0 = mean active features per row, dead fraction = features that
