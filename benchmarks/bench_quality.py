@@ -5,15 +5,16 @@
     .bench-venv/bin/python benchmarks/bench_quality.py --activations acts.npy --heldout held.npy
 
 The frontier sets against SAELens at its best, one command per data set (our default recipe,
-SAELens with the matched optimizer and with β1 0.9 at lr 3e-4 and 1e-3, 3,000 and 10,000 steps):
+SAELens with the matched optimizer (with a constant lr and with our tail decay) and with β1 0.9
+at lr 3e-4 and 1e-3, 3,000 and 10,000 steps):
 
-    python benchmarks/bench_quality.py --data default --steps 3000 10000 --saelens-configs matched b0.9-lr3e-4 b0.9-lr1e-3 --ours-label default --lambdas-ours 0.00025 0.0006 0.0009 0.0018 0.0028 --lambdas-saelens 0.0002 0.0006 0.0008 0.0014 0.0024
-    python benchmarks/bench_quality.py --data stdlib-l5 --steps 3000 10000 --saelens-configs matched b0.9-lr3e-4 b0.9-lr1e-3 --ours-label default --lambdas-ours 0.0002 0.0008 0.002 0.004 --lambdas-saelens 0.0004 0.0008 0.002 0.004
-    python benchmarks/bench_quality.py --data packages-l1 --steps 3000 10000 --saelens-configs matched b0.9-lr3e-4 b0.9-lr1e-3 --ours-label default --lambdas-ours 0.0001 0.0002 0.0008 0.002 --lambdas-saelens 0.0001 0.0002 0.0008 0.002
+    python benchmarks/bench_quality.py --data default --steps 3000 10000 --saelens-configs matched matched-tail b0.9-lr3e-4 b0.9-lr1e-3 --ours-label default --lambdas-ours 0.00025 0.0006 0.0009 0.0018 0.0028 --lambdas-saelens 0.0002 0.0006 0.0008 0.0014 0.0024
+    python benchmarks/bench_quality.py --data stdlib-l5 --steps 3000 10000 --saelens-configs matched matched-tail b0.9-lr3e-4 b0.9-lr1e-3 --ours-label default --lambdas-ours 0.0002 0.0008 0.002 0.004 --lambdas-saelens 0.0004 0.0008 0.002 0.004
+    python benchmarks/bench_quality.py --data packages-l1 --steps 3000 10000 --saelens-configs matched matched-tail b0.9-lr3e-4 b0.9-lr1e-3 --ours-label default --lambdas-ours 0.0001 0.0002 0.0008 0.002 --lambdas-saelens 0.0001 0.0002 0.0008 0.002
 
 or the same through make, in .bench-venv: ``make bench-quality ARGS="--data stdlib-l5 --steps 3000
-10000 --saelens-configs matched b0.9-lr3e-4 b0.9-lr1e-3 --ours-label default --lambdas-ours ...
---lambdas-saelens ..."``. The λ lists are those that bracketed L0 20-80 at 3,000 steps on each
+10000 --saelens-configs matched matched-tail b0.9-lr3e-4 b0.9-lr1e-3 --ours-label default
+--lambdas-ours ... --lambdas-saelens ..."``. The λ lists are those that bracketed L0 20-80 at 3,000 steps on each
 data set (benchmarks/RESULTS.md), with a smaller λ added for 10,000 steps where one was needed
 (sparser at the same λ): 0.0006 on the default data, 0.0001 on packages-l1.
 Another SAELens configuration or data set can land at other L0s: where the report shows "–" a
