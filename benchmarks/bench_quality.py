@@ -14,9 +14,9 @@ at lr 3e-4 and 1e-3, 3,000 and 10,000 steps):
 
 or the same through make, in .bench-venv: ``make bench-quality ARGS="--data stdlib-l5 --steps 3000
 10000 --saelens-configs matched matched-tail b0.9-lr3e-4 b0.9-lr1e-3 --ours-label default
---lambdas-ours ... --lambdas-saelens ..."``. The λ lists are those that bracketed L0 20-80 at 3,000 steps on each
-data set (benchmarks/RESULTS.md), with a smaller λ added for 10,000 steps where one was needed
-(sparser at the same λ): 0.0006 on the default data, 0.0001 on packages-l1.
+--lambdas-ours ... --lambdas-saelens ..."``. The λ lists are those that bracketed L0 20-80 at
+3,000 steps on each data set (benchmarks/RESULTS.md), with a smaller λ added for 10,000 steps
+where one was needed (sparser at the same λ): 0.0006 on the default data, 0.0001 on packages-l1.
 Another SAELens configuration or data set can land at other L0s: where the report shows "–" a
 target L0 is not bracketed; add a λ (``--lambdas-saelens-config CONFIG=λ,λ`` for one SAELens
 configuration) and run the same command again: finished runs are reused, so only the new ones
