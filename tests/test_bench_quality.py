@@ -310,6 +310,6 @@ def test_saelens_lr_follows_our_schedule_with_the_configurations_decay(config, d
         seen.append(trainer.optimizer.param_groups[0]["lr"])
         trainer.optimizer.step()
         trainer.lr_scheduler.step()
-    expected = [cfg.lr * lr_factor(step, 5, steps, decay) for step in range(steps)]
+    expected = [cfg.lr * lr_factor(step, args.lr_warmup_steps, steps, decay) for step in range(steps)]
     assert seen == pytest.approx(expected, abs=1e-12)
     assert (seen[-1] < 0.5 * cfg.lr) == (decay == "tail")  # the last step is in the tail
